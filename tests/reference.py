@@ -1,0 +1,78 @@
+"""An independent float64 re-derivation of the averaging rules, for tests only.
+
+Written from DESIGN.md's table, not from the package: w_0 = 1; EMA 1 - decay; SWA 1 / (n + 1);
+T-ADEMA 1 - alpha * tanh(n); integers and non-averaged tensors are copied.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+import wavg_fused as wf
+
+
+def reference_weight(method: wf.Method, n: int) -> float:
+    if n == 0:
+        return 1.0
+    if isinstance(method, wf.EMA):
+        return 1.0 - method.decay
+    if isinstance(method, wf.SWA):
+        return 1.0 / (n + 1)
+    if isinstance(method, wf.TADEMA):
+        return 1.0 - method.alpha * math.tanh(n)
+    raise TypeError(method)
+
+
+class Reference:
+    """Float64 average of a model's named tensors, plus a 'naive' one computed in the tensor's
+    own dtype with plain tensor arithmetic: the error PyTorch itself makes in that dtype."""
+
+    def __init__(self, method: wf.Method, use_buffers: bool, shadow_dtype: torch.dtype | None = None):
+        self.method, self.use_buffers, self.shadow_dtype = method, use_buffers, shadow_dtype
+        self.n = 0
+        self.exact: dict[str, torch.Tensor] = {}
+        self.naive: dict[str, torch.Tensor] = {}
+
+    def averaged(self, name: str, tensor: torch.Tensor, is_param: bool) -> bool:
+        return tensor.is_floating_point() and (is_param or self.use_buffers)
+
+    def update(self, model: torch.nn.Module) -> None:
+        w = reference_weight(self.method, self.n)
+        params = dict(model.named_parameters())
+        for name, tensor in list(params.items()) + list(model.named_buffers()):
+            tensor = tensor.detach().cpu().clone()  # never alias the live model
+            dtype = self.shadow_dtype if (self.shadow_dtype and tensor.is_floating_point()) else tensor.dtype
+            if not self.averaged(name, tensor, name in params) or self.n == 0:
+                self.exact[name] = tensor.to(torch.float64) if tensor.is_floating_point() else tensor.clone()
+                self.naive[name] = tensor.to(dtype)
+                continue
+            self.exact[name] = self.exact[name] + w * (tensor.to(torch.float64) - self.exact[name])
+            shadow = self.naive[name]
+            self.naive[name] = shadow + (tensor.to(dtype) - shadow) * w
+        self.n += 1
+
+
+def assert_matches_reference(avg: wf.Averager, ref: Reference) -> None:
+    """Every averaged tensor is within 2x the error of the naive same-dtype computation (plus one
+    ulps of the tensor's scale); copied tensors are exact. Says where values differ."""
+    assert int(avg.n_averaged) == ref.n, f"n_averaged is {int(avg.n_averaged)}, expected {ref.n}"
+    shadow = dict(avg.module.named_parameters()) | dict(avg.module.named_buffers())
+    for name, exact in ref.exact.items():
+        ours = shadow[name].detach().cpu()
+        if not ours.is_floating_point():
+            assert torch.equal(ours, exact), f"{name}: copied integer tensor differs: {ours} vs {exact}"
+            continue
+        ours64 = ours.to(torch.float64)
+        err = (ours64 - exact).abs()
+        naive_err = (ref.naive[name].to(torch.float64) - exact).abs().max().item() if exact.numel() else 0.0
+        scale = exact.abs().max().item() if exact.numel() else 0.0
+        bound = 2 * naive_err + 8 * torch.finfo(ours.dtype).eps * scale  # a few ulps: lerp vs a + w(b - a)
+        if err.numel() and err.max().item() > bound:
+            where = err.argmax().item()
+            raise AssertionError(
+                f"{name} ({ours.dtype}): max error {err.max().item():.3e} > bound {bound:.3e} "
+                f"(naive {naive_err:.3e}) at flat index {where}: ours {ours64.flatten()[where].item()!r}, "
+                f"float64 reference {exact.flatten()[where].item()!r}"
+            )

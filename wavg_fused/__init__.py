@@ -1,0 +1,43 @@
+"""wavg_fused: an averaged copy of a model (EMA, SWA, T-ADEMA) updated with one fused pass.
+
+>>> import torch, wavg_fused as wf
+>>> model = torch.nn.Linear(8, 8)
+>>> avg = wf.Averager(model, wf.EMA(0.999))
+>>> avg.update(model)
+"""
+
+from .averager import Averager
+from .backends import available_backends, backend_report
+from .blog import (
+    AveragingBaseModel,
+    EMAModel,
+    SWAModel,
+    T_ADEMAModel,
+    get_ema_avg_fn,
+    get_swa_avg_fn,
+    get_t_adema,
+    get_t_adema_fn,
+)
+from .methods import EMA, SWA, TADEMA, Method
+from .unwrap import de_parallel
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "Averager",
+    "Method",
+    "EMA",
+    "SWA",
+    "TADEMA",
+    "available_backends",
+    "backend_report",
+    "de_parallel",
+    "AveragingBaseModel",
+    "EMAModel",
+    "SWAModel",
+    "T_ADEMAModel",
+    "get_ema_avg_fn",
+    "get_swa_avg_fn",
+    "get_t_adema_fn",
+    "get_t_adema",
+]

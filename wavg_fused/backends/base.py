@@ -1,0 +1,27 @@
+"""The interface every backend implements; kept apart so backends import nothing from each other."""
+
+from __future__ import annotations
+
+from typing import Protocol
+
+import torch
+
+from ..methods import Method
+from ..plan import Plan
+
+
+class Backend(Protocol):
+    """One way to run an update over a plan.
+
+    ``update`` applies ``method`` to every tensor of ``plan`` reading ``n_averaged`` (a 0-dim
+    ``torch.long`` tensor on ``plan.device``) on the device, and adds 1 to it when ``bump``.
+    It must not read a device value on the host.
+    """
+
+    name: str
+
+    def unavailable_reason(self, device: torch.device) -> str | None:
+        """``None`` if this backend can update tensors on ``device``, else why not."""
+        ...
+
+    def update(self, plan: Plan, method: Method, n_averaged: torch.Tensor, bump: bool) -> None: ...

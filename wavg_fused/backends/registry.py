@@ -1,0 +1,122 @@
+"""Backend choice, in one place.
+
+``select_backend(requested, device)`` is the only function that decides which backend runs.
+``"auto"`` takes the first available backend in ``PREFERENCE`` for the device type and quietly
+falls back; an explicit request that cannot be met raises, naming the reason. The environment
+variable ``WAVG_FUSED_BACKEND`` overrides ``"auto"`` (never an explicit argument).
+Backends whose code is missing (no compiled extension, no Triton) are registered anyway, so
+``backend_report()`` can say why each one is unavailable.
+"""
+
+from __future__ import annotations
+
+import importlib
+import os
+from collections.abc import Callable
+
+import torch
+
+from .base import Backend
+from .torch_backend import TorchBackend
+
+__all__ = ["BACKEND_NAMES", "PREFERENCE", "ENV_VAR", "select_backend", "available_backends", "backend_report"]
+
+ENV_VAR = "WAVG_FUSED_BACKEND"
+
+# Fastest first, per device type; "torch" runs everywhere.
+PREFERENCE: dict[str, tuple[str, ...]] = {
+    "cuda": ("cuda", "triton", "torch"),
+    "cpu": ("cpu", "torch"),
+}
+DEFAULT_PREFERENCE = ("torch",)
+
+
+def _load_from(module: str, attribute: str) -> Callable[[], Backend]:
+    def load() -> Backend:
+        return getattr(importlib.import_module(module, __package__), attribute)()
+
+    return load
+
+
+_LOADERS: dict[str, Callable[[], Backend]] = {
+    "cuda": _load_from(".cuda_backend", "CudaBackend"),
+    "triton": _load_from(".triton_backend", "TritonBackend"),
+    "cpu": _load_from(".cpu_backend", "CpuBackend"),
+    "torch": TorchBackend,
+}
+BACKEND_NAMES = tuple(_LOADERS)
+
+_loaded: dict[str, Backend] = {}
+_load_errors: dict[str, str] = {}
+
+
+def _backend(name: str) -> Backend | None:
+    """The backend object, or ``None`` with the load error recorded (raised only on request)."""
+    if name not in _loaded and name not in _load_errors:
+        try:
+            _loaded[name] = _LOADERS[name]()
+        except Exception as error:  # a broken build must not break the other backends
+            _load_errors[name] = f"{type(error).__name__}: {error}"
+    return _loaded.get(name)
+
+
+def _reason(name: str, device: torch.device) -> str | None:
+    backend = _backend(name)
+    if backend is None:
+        return f"not loaded ({_load_errors[name]})"
+    return backend.unavailable_reason(device)
+
+
+def select_backend(requested: str, device: torch.device | str) -> Backend:
+    """The backend that updates tensors on ``device``.
+
+    >>> select_backend("torch", "cpu").name
+    'torch'
+    """
+    device = torch.device(device)
+    if requested == "auto":
+        requested = os.environ.get(ENV_VAR, "auto") or "auto"
+    if requested == "auto":
+        for name in PREFERENCE.get(device.type, DEFAULT_PREFERENCE):
+            if _reason(name, device) is None:
+                return _loaded[name]
+        raise RuntimeError(f"no wavg_fused backend can update tensors on {device}")  # unreachable: torch
+    if requested not in _LOADERS:
+        raise ValueError(f"backend must be 'auto' or one of {list(BACKEND_NAMES)}, got {requested!r}")
+    reason = _reason(requested, device)
+    if reason is not None:
+        raise RuntimeError(f"wavg_fused backend {requested!r} is unavailable on {device}: {reason}")
+    return _loaded[requested]
+
+
+def available_backends(device: torch.device | str = "cpu") -> list[str]:
+    """Names of the backends that can update tensors on ``device``, fastest first.
+
+    >>> "torch" in available_backends("cpu")
+    True
+    """
+    device = torch.device(device)
+    order = PREFERENCE.get(device.type, DEFAULT_PREFERENCE)
+    return [name for name in order if _reason(name, device) is None]
+
+
+def backend_report() -> str:
+    """A text to paste into bug reports: versions and why each backend is or is not available."""
+    import platform
+
+    from .. import __version__
+
+    lines = [
+        f"wavg_fused {__version__}, torch {torch.__version__} (CUDA build: {torch.version.cuda}), "
+        f"Python {platform.python_version()}, {platform.machine()}",
+        f"CUDA devices: {torch.cuda.device_count() if torch.cuda.is_available() else 0}; "
+        f"{ENV_VAR}={os.environ.get(ENV_VAR, '')!r}",
+    ]
+    devices = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
+    for name in BACKEND_NAMES:
+        states = []
+        for device in devices:
+            reason = _reason(name, torch.device(device))
+            states.append(f"{device}: {'available' if reason is None else reason}")
+        lines.append(f"  {name:7s} " + "; ".join(states))
+    return "\n".join(lines)

@@ -1,0 +1,90 @@
+"""The always-available backend: grouped ``torch._foreach_*`` calls over the plan, any device.
+
+Tensors are grouped once per plan by (role, dtypes, model device) so that an update is a
+handful of foreach calls. The step weight stays on the device: it is written into a persistent
+0-dim tensor per compute dtype whose expanded views are the ``weights`` of
+``_foreach_lerp_`` (a 0-dim tensor passed as a Scalar would be read on the host).
+16-bit tensors are averaged in float32 (float64 for float64) and rounded once, like the kernels;
+that costs temporary copies, which the fused backends avoid.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+
+from ..methods import Method
+from ..plan import ROLE_AVERAGE, Plan
+
+
+def compute_dtype(shadow_dtype: torch.dtype) -> torch.dtype:
+    return torch.float64 if shadow_dtype == torch.float64 else torch.float32
+
+
+@dataclass
+class _Group:
+    shadows: list[torch.Tensor]
+    models: list[torch.Tensor]
+    weights: list[torch.Tensor] = field(default_factory=list)  # expanded views of one 0-dim weight
+    direct: bool = True  # shadows and models already have the compute dtype and device
+
+
+@dataclass
+class _Prepared:
+    copies: list[_Group]
+    averages: list[_Group]
+    weight_by_dtype: dict[torch.dtype, torch.Tensor]
+
+
+def _prepare(plan: Plan) -> _Prepared:
+    grouped: dict[tuple, _Group] = {}
+    for shadow, model, role in zip(plan.shadows, plan.models, plan.roles):
+        if shadow.numel() == 0:
+            continue
+        key = (role, shadow.dtype, model.dtype, model.device)
+        grouped.setdefault(key, _Group([], [])).shadows.append(shadow)
+        grouped[key].models.append(model)
+
+    copies, averages, weights = [], [], {}
+    for (role, shadow_dtype, model_dtype, model_device), group in grouped.items():
+        if role != ROLE_AVERAGE:
+            copies.append(group)
+            continue
+        opmath = compute_dtype(shadow_dtype)
+        weight = weights.setdefault(opmath, torch.ones((), dtype=opmath, device=plan.device))
+        group.weights = [weight.expand(s.shape) for s in group.shadows]
+        group.direct = shadow_dtype == opmath and model_dtype == opmath and model_device == plan.device
+        averages.append(group)
+    return _Prepared(copies, averages, weights)
+
+
+class TorchBackend:
+    """Pure PyTorch; works on every device PyTorch supports."""
+
+    name = "torch"
+
+    def unavailable_reason(self, device: torch.device) -> str | None:
+        return None
+
+    def update(self, plan: Plan, method: Method, n_averaged: torch.Tensor, bump: bool) -> None:
+        prepared = plan.backend_cache.get(self.name)
+        if prepared is None:
+            prepared = plan.backend_cache[self.name] = _prepare(plan)
+        if prepared.averages:
+            step_weight = method.step_weight(n_averaged)
+            for weight in prepared.weight_by_dtype.values():
+                weight.copy_(step_weight)
+        for group in prepared.copies:
+            torch._foreach_copy_(group.shadows, group.models)
+        for group in prepared.averages:
+            if group.direct:
+                torch._foreach_lerp_(group.shadows, group.models, group.weights)
+                continue
+            opmath = group.weights[0].dtype
+            shadows = [s.to(opmath) for s in group.shadows]
+            models = [m.to(device=plan.device, dtype=opmath) for m in group.models]
+            torch._foreach_lerp_(shadows, models, group.weights)
+            torch._foreach_copy_(group.shadows, shadows)
+        if bump:
+            n_averaged.add_(1)

@@ -1,0 +1,199 @@
+"""The plan: what one update does, built once per model structure and consumed by every backend.
+
+Per tensor (``tensor_table``, int64, one row each): model address, shadow address, shadow offset
+in its flat buffer, element count, model and shadow dtype codes, role (average or copy) and
+flags. Per block (``block_table(block_elems)``): tensor index and start element, so a kernel
+maps one program to one fixed-size piece of one tensor. Tables are built on the host once and
+kept on the plan's device; they change only when the plan is rebuilt.
+
+Model tensors a kernel cannot read in place (on another device, or laid out differently from
+their shadow) are *staged*: copied into a persistent buffer with the shadow's layout before the
+launch (``stage()``), and the table points at the staging buffer.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+
+from .storage import ALIGN_BYTES, dense_strides
+
+__all__ = [
+    "ROLE_COPY",
+    "ROLE_AVERAGE",
+    "DTYPE_CODES",
+    "COLUMNS",
+    "FLAG_ALIGNED",
+    "Plan",
+    "check_structure",
+    "block_table",
+]
+
+ROLE_COPY = 0
+ROLE_AVERAGE = 1
+
+# Kernel-facing dtype codes; the C++ header and the Triton kernel use the same numbers.
+DTYPE_CODES: dict[torch.dtype, int] = {
+    torch.float32: 0,
+    torch.float64: 1,
+    torch.float16: 2,
+    torch.bfloat16: 3,
+    torch.int64: 4,
+    torch.int32: 5,
+    torch.int16: 6,
+    torch.int8: 7,
+    torch.uint8: 8,
+    torch.bool: 9,
+}
+OTHER_DTYPE = 15  # copied byte-wise: model and shadow dtypes are then always equal
+
+COLUMNS = (
+    "model_ptr",
+    "shadow_ptr",
+    "shadow_offset",
+    "numel",
+    "model_dtype",
+    "shadow_dtype",
+    "role",
+    "flags",
+)
+FLAG_ALIGNED = 1  # model and shadow addresses are both ALIGN_BYTES-aligned: vector loads are safe
+
+
+def check_structure(
+    shadow_names: Sequence[str],
+    shadows: Sequence[torch.Tensor],
+    model_names: Sequence[str],
+    models: Sequence[torch.Tensor],
+) -> None:
+    """Raise ``ValueError`` naming the first tensor where the model differs from the shadow."""
+    for index, (shadow_name, model_name) in enumerate(zip(shadow_names, model_names)):
+        if shadow_name != model_name:
+            raise ValueError(
+                f"model structure differs from the averaged copy at tensor #{index}: "
+                f"expected {shadow_name!r}, got {model_name!r}"
+            )
+    if len(shadow_names) != len(model_names):
+        longer, side = (
+            (shadow_names, "is missing") if len(shadow_names) > len(model_names) else (model_names, "has an extra")
+        )
+        first = longer[min(len(shadow_names), len(model_names))]
+        raise ValueError(
+            f"model structure differs from the averaged copy: the model {side} tensor {first!r} "
+            f"({len(model_names)} tensors, the averaged copy has {len(shadow_names)})"
+        )
+    for name, shadow, model in zip(shadow_names, shadows, models):
+        if shadow.shape != model.shape:
+            raise ValueError(
+                f"tensor {name!r}: model shape {tuple(model.shape)} differs from the averaged "
+                f"copy's {tuple(shadow.shape)}"
+            )
+        if shadow.is_floating_point() != model.is_floating_point() or (
+            not shadow.is_floating_point() and shadow.dtype != model.dtype
+        ):
+            raise ValueError(f"tensor {name!r}: model dtype {model.dtype} cannot update a {shadow.dtype} average")
+
+
+def block_table(numels: Sequence[int], block_elems: int, device: torch.device | str = "cpu") -> torch.Tensor:
+    """``[num_blocks, 2]`` int64: (tensor index, start element) of each ``block_elems`` piece.
+
+    Zero-element tensors get no block; the arithmetic is int64 throughout, so tensors above
+    2**31 elements are fine.
+
+    >>> block_table([5, 0, 3], 4).tolist()
+    [[0, 0], [0, 4], [2, 0]]
+    """
+    if block_elems <= 0:
+        raise ValueError(f"block_elems must be positive, got {block_elems}")
+    sizes = torch.tensor(list(numels), dtype=torch.int64)
+    counts = (sizes + block_elems - 1) // block_elems
+    index = torch.repeat_interleave(torch.arange(len(sizes), dtype=torch.int64), counts)
+    first_block = torch.cumsum(counts, 0) - counts
+    start = (torch.arange(index.numel(), dtype=torch.int64) - first_block[index]) * block_elems
+    return torch.stack([index, start], dim=1).to(device)
+
+
+def _needs_staging(model: torch.Tensor, shadow: torch.Tensor) -> bool:
+    if model.device != shadow.device:
+        return True
+    if model.numel() <= 1:
+        return False
+    return model.stride() != shadow.stride() or dense_strides(model) != tuple(model.stride())
+
+
+class Plan:
+    """Everything one device's update needs; rebuilt when a model address, shape or dtype changes.
+
+    ``names``, ``shadows``, ``models`` and ``roles`` are parallel lists (one entry per unique
+    shadow tensor on ``device``). Backends may keep derived data in ``backend_cache``.
+    """
+
+    def __init__(
+        self,
+        names: Sequence[str],
+        shadows: Sequence[torch.Tensor],
+        models: Sequence[torch.Tensor],
+        roles: Sequence[int],
+        shadow_offsets: Sequence[int],
+    ) -> None:
+        self.names = list(names)
+        self.shadows = list(shadows)
+        self.models = list(models)
+        self.roles = list(roles)
+        self.shadow_offsets = list(shadow_offsets)
+        self.device = self.shadows[0].device if self.shadows else torch.device("cpu")
+        self.numels = [s.numel() for s in self.shadows]
+        self.backend_cache: dict[str, object] = {}
+        self._staged: list[tuple[torch.Tensor, torch.Tensor]] = []  # (staging buffer, model tensor)
+        self.readable_models = []  # what kernels read: the model tensor itself or its staging buffer
+        for shadow, model in zip(self.shadows, self.models):
+            if _needs_staging(model, shadow):
+                staging = torch.empty_strided(shadow.shape, shadow.stride(), dtype=model.dtype, device=shadow.device)
+                self._staged.append((staging, model))
+                self.readable_models.append(staging)
+            else:
+                self.readable_models.append(model)
+        self._tables: dict[tuple[str, int], torch.Tensor] = {}
+
+    @property
+    def staged_count(self) -> int:
+        return len(self._staged)
+
+    def stage(self) -> None:
+        """Copy the model tensors kernels cannot read in place into their staging buffers."""
+        if self._staged:
+            torch._foreach_copy_([s for s, _ in self._staged], [m for _, m in self._staged], non_blocking=True)
+
+    def host_tensor_table(self) -> torch.Tensor:
+        """``[num_tensors, len(COLUMNS)]`` int64 on the CPU."""
+        rows = []
+        for shadow, model, offset, role in zip(self.shadows, self.readable_models, self.shadow_offsets, self.roles):
+            aligned = model.data_ptr() % ALIGN_BYTES == 0 and shadow.data_ptr() % ALIGN_BYTES == 0
+            rows.append(
+                (
+                    model.data_ptr(),
+                    shadow.data_ptr(),
+                    offset,
+                    shadow.numel(),
+                    DTYPE_CODES.get(model.dtype, OTHER_DTYPE),
+                    DTYPE_CODES.get(shadow.dtype, OTHER_DTYPE),
+                    role,
+                    FLAG_ALIGNED if aligned else 0,
+                )
+            )
+        return torch.tensor(rows, dtype=torch.int64).reshape(len(rows), len(COLUMNS))
+
+    def tensor_table(self) -> torch.Tensor:
+        """The tensor table on the plan's device, uploaded once per plan."""
+        key = ("tensors", 0)
+        if key not in self._tables:
+            self._tables[key] = self.host_tensor_table().to(self.device)
+        return self._tables[key]
+
+    def block_table(self, block_elems: int) -> torch.Tensor:
+        """The block table for ``block_elems``-element blocks on the plan's device, built once."""
+        key = ("blocks", block_elems)
+        if key not in self._tables:
+            self._tables[key] = block_table(self.numels, block_elems, self.device)
+        return self._tables[key]

@@ -1,0 +1,117 @@
+"""Contiguous shadow storage: every shadow tensor is a view into one flat buffer per (device, dtype).
+
+Views keep the model tensor's memory layout (channels_last stays channels_last; any dense
+permutation is kept, other layouts become contiguous), start at an offset aligned to
+``ALIGN_BYTES`` (vector loads need 16 bytes), and tied tensors share one slot.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+from torch import nn
+
+__all__ = ["ALIGN_BYTES", "ShadowStorage", "named_tensors", "dense_strides", "pack_module"]
+
+ALIGN_BYTES = 16
+
+
+def named_tensors(module: nn.Module) -> list[tuple[str, torch.Tensor]]:
+    """Parameters then buffers, tied tensors once (under their first name), in module order."""
+    return list(module.named_parameters()) + list(module.named_buffers())
+
+
+def dense_strides(tensor: torch.Tensor) -> tuple[int, ...]:
+    """The strides PyTorch gives ``empty_like(tensor)``: the tensor's own if it is dense and
+    non-overlapping (contiguous, channels_last, any permutation), else contiguous ones."""
+    return torch.empty_like(tensor, device="meta").stride()
+
+
+def _aligned(offset_elems: int, itemsize: int) -> int:
+    step = max(1, ALIGN_BYTES // itemsize)
+    return -(-offset_elems // step) * step
+
+
+@dataclass
+class ShadowStorage:
+    """The flat buffers behind a shadow module. ``nbytes`` is tensor bytes plus padding only."""
+
+    flats: dict[tuple[torch.device, torch.dtype], torch.Tensor] = field(default_factory=dict)
+    tensor_bytes: int = 0  # bytes of the shadow tensors themselves: nbytes minus padding
+
+    @property
+    def nbytes(self) -> int:
+        return sum(flat.numel() * flat.element_size() for flat in self.flats.values())
+
+    def offset_of(self, tensor: torch.Tensor) -> int:
+        """Element offset of ``tensor`` (a view this storage owns) in its flat buffer."""
+        flat = self.flats[(tensor.device, tensor.dtype)]
+        return (tensor.data_ptr() - flat.data_ptr()) // tensor.element_size()
+
+    def owns(self, tensor: torch.Tensor) -> bool:
+        flat = self.flats.get((tensor.device, tensor.dtype))
+        if flat is None or tensor.numel() == 0:
+            return flat is not None
+        start = flat.data_ptr()
+        end = start + flat.numel() * flat.element_size()
+        return start <= tensor.data_ptr() < end
+
+
+def pack_module(
+    module: nn.Module,
+    device: torch.device | None = None,
+    dtype: torch.dtype | None = None,
+) -> ShadowStorage:
+    """Move every parameter and buffer of ``module`` into flat storage, in place.
+
+    ``device`` moves all tensors; ``dtype`` converts floating-point tensors only (integer
+    buffers such as BatchNorm's ``num_batches_tracked`` keep their dtype). Parameters keep their
+    identity (their ``.data`` is rebound), so ties between modules survive.
+
+    >>> import torch, wavg_fused.storage as st
+    >>> m = torch.nn.Linear(3, 5)
+    >>> storage = st.pack_module(m)
+    >>> storage.owns(m.weight), storage.nbytes
+    (True, 96)
+    """
+    unique: dict[int, torch.Tensor] = {}
+    for _, tensor in named_tensors(module):
+        unique.setdefault(id(tensor), tensor)
+
+    layout: list[tuple[int, tuple, int]] = []  # (tensor id, group key, offset in elements)
+    group_sizes: dict[tuple[torch.device, torch.dtype], int] = {}
+    tensor_bytes = 0
+    for key_id, tensor in unique.items():
+        target_dtype = dtype if (dtype is not None and tensor.is_floating_point()) else tensor.dtype
+        target_device = torch.device(device) if device is not None else tensor.device
+        group = (target_device, target_dtype)
+        itemsize = torch.empty((), dtype=target_dtype, device="meta").element_size()
+        offset = _aligned(group_sizes.get(group, 0), itemsize)
+        group_sizes[group] = offset + tensor.numel()
+        layout.append((key_id, group, offset))
+        tensor_bytes += tensor.numel() * itemsize
+
+    flats = {}
+    for group, size in group_sizes.items():
+        itemsize = torch.empty((), dtype=group[1], device="meta").element_size()
+        flats[group] = torch.zeros(_aligned(size, itemsize), dtype=group[1], device=group[0])
+    # keyed by the allocated device, so "cuda" and "cuda:0" name the same buffer
+    storage = ShadowStorage({(f.device, f.dtype): f for f in flats.values()}, tensor_bytes)
+
+    replacement: dict[int, torch.Tensor] = {}
+    with torch.no_grad():
+        for key_id, group, offset in layout:
+            tensor = unique[key_id]
+            view = flats[group].as_strided(tensor.shape, dense_strides(tensor), offset)
+            view.copy_(tensor)
+            replacement[key_id] = view
+
+    for submodule in module.modules():
+        for name, param in submodule._parameters.items():
+            if param is not None and id(param) in replacement:
+                param.data = replacement[id(param)]
+        for name, buf in submodule._buffers.items():
+            if buf is not None and id(buf) in replacement:
+                submodule._buffers[name] = replacement[id(buf)]
+    return storage

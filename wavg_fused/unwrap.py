@@ -1,0 +1,24 @@
+"""Unwrapping the containers PyTorch puts around a model, so the averaged copy is the plain module."""
+
+from __future__ import annotations
+
+from torch import nn
+
+__all__ = ["de_parallel"]
+
+
+def de_parallel(model: nn.Module) -> nn.Module:
+    """The module inside DataParallel, DistributedDataParallel and ``torch.compile`` wrappers.
+
+    >>> import torch
+    >>> net = torch.nn.Linear(2, 2)
+    >>> de_parallel(torch.nn.DataParallel(net)) is net
+    True
+    """
+    while True:
+        if isinstance(model, (nn.DataParallel, nn.parallel.DistributedDataParallel)):
+            model = model.module
+        elif hasattr(model, "_orig_mod") and isinstance(model._orig_mod, nn.Module):  # torch.compile
+            model = model._orig_mod
+        else:
+            return model
