@@ -24,7 +24,7 @@ AvgFn = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
 
 # Per-update caches: they reference the live model's internals, so they are never pickled or
 # deep-copied; they are rebuilt on the next update.
-_TRANSIENT = ("_model_ref", "_model_slots", "_shadow_slots", "_plan_key", "_runs")
+_TRANSIENT = ("_model_ref", "_model_slots", "_shadow_names", "_shadow_slots", "_plan_key", "_runs")
 
 
 def _slots(module: nn.Module) -> tuple[list[str], list[tuple[dict, str]]]:
@@ -182,9 +182,7 @@ class Averager(nn.Module):
         """
         model = de_parallel(model)
         models = self._model_tensors(model)
-        if self._shadow_slots is None:
-            self._shadow_names, self._shadow_slots = _slots(self.module)
-        shadows = _read(self._shadow_slots)
+        shadows = self._shadow_tensors()
         key = _fingerprint(models, shadows)
         if key != self._plan_key:
             self._build_plans(models, shadows, key)
@@ -201,6 +199,11 @@ class Averager(nn.Module):
         if not bumped:
             counter.add_(1)
 
+    def _shadow_tensors(self) -> list[torch.Tensor]:
+        if self._shadow_slots is None:
+            self._shadow_names, self._shadow_slots = _slots(self.module)
+        return _read(self._shadow_slots)
+
     def _model_tensors(self, model: nn.Module) -> list[torch.Tensor]:
         if self._model_ref is not None and self._model_ref() is model:
             try:
@@ -209,9 +212,8 @@ class Averager(nn.Module):
                 pass
         names, slots = _slots(model)
         tensors = _read(slots)
-        if self._shadow_slots is None:
-            self._shadow_names, self._shadow_slots = _slots(self.module)
-        check_structure(self._shadow_names, _read(self._shadow_slots), names, tensors)
+        shadows = self._shadow_tensors()
+        check_structure(self._shadow_names, shadows, names, tensors)
         self._model_ref, self._model_slots, self._plan_key = weakref.ref(model), slots, None
         return tensors
 
@@ -219,8 +221,7 @@ class Averager(nn.Module):
         check_structure(self._shadow_names, shadows, self._shadow_names, models)
         if not all(self._storage.owns(s) for s in shadows):
             self._repack()  # a shadow tensor was replaced behind our back (e.g. load with assign=True)
-            self._shadow_names, self._shadow_slots = _slots(self.module)
-            shadows = _read(self._shadow_slots)
+            shadows = self._shadow_tensors()
             key = _fingerprint(models, shadows)
         num_params = sum(1 for _ in self.module.parameters())
         by_device: dict[torch.device, list[int]] = {}
