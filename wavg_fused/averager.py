@@ -241,6 +241,7 @@ class Averager(nn.Module):
                 [models[i] for i in indices],
                 roles,
                 [self._storage.offset_of(shadows[i]) for i in indices],
+                [flat for (flat_device, _), flat in self._storage.flats.items() if flat_device == device],
             )
             runs.append((plan, select_backend(self.backend, device)))
         runs.sort(key=lambda run: run[0].device == self.n_averaged.device)

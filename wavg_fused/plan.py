@@ -46,7 +46,7 @@ DTYPE_CODES: dict[torch.dtype, int] = {
     torch.uint8: 8,
     torch.bool: 9,
 }
-OTHER_DTYPE = 15  # copied byte-wise: model and shadow dtypes are then always equal
+OTHER_DTYPE = 15  # copied byte-wise (``itemsize`` bytes each): model and shadow dtypes are then equal
 
 COLUMNS = (
     "model_ptr",
@@ -57,6 +57,7 @@ COLUMNS = (
     "shadow_dtype",
     "role",
     "flags",
+    "itemsize",
 )
 FLAG_ALIGNED = 1  # model and shadow addresses are both ALIGN_BYTES-aligned: vector loads are safe
 
@@ -126,7 +127,8 @@ class Plan:
     """Everything one device's update needs; rebuilt when a model address, shape or dtype changes.
 
     ``names``, ``shadows``, ``models`` and ``roles`` are parallel lists (one entry per unique
-    shadow tensor on ``device``). Backends may keep derived data in ``backend_cache``.
+    shadow tensor on ``device``); ``flats`` are the storage buffers holding the shadows. Backends
+    may keep derived data in ``backend_cache``.
     """
 
     def __init__(
@@ -136,12 +138,14 @@ class Plan:
         models: Sequence[torch.Tensor],
         roles: Sequence[int],
         shadow_offsets: Sequence[int],
+        flats: Sequence[torch.Tensor] = (),
     ) -> None:
         self.names = list(names)
         self.shadows = list(shadows)
         self.models = list(models)
         self.roles = list(roles)
         self.shadow_offsets = list(shadow_offsets)
+        self.flats = list(flats)  # the storage buffers the shadows live in (what kernels write)
         self.device = self.shadows[0].device if self.shadows else torch.device("cpu")
         self.numels = [s.numel() for s in self.shadows]
         self.backend_cache: dict[str, object] = {}
@@ -180,6 +184,7 @@ class Plan:
                     DTYPE_CODES.get(shadow.dtype, OTHER_DTYPE),
                     role,
                     FLAG_ALIGNED if aligned else 0,
+                    shadow.element_size(),
                 )
             )
         return torch.tensor(rows, dtype=torch.int64).reshape(len(rows), len(COLUMNS))

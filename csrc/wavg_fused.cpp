@@ -1,0 +1,23 @@
+// The op schemas, defined once; each device file registers its implementation.
+#include <Python.h>
+#include <torch/library.h>
+
+extern "C" {
+// `import wavg_fused._C` loads this library, which runs the registrations below.
+PyObject* PyInit__C(void) {
+  static struct PyModuleDef module_def = {PyModuleDef_HEAD_INIT, "_C", nullptr, -1, nullptr};
+  return PyModule_Create(&module_def);
+}
+}
+
+TORCH_LIBRARY(wavg_fused, m) {
+  // One update of a whole plan: every tensor of `table` (rows as in wavg_fused/plan.py COLUMNS)
+  // averaged or copied into the shadow storage `flats`, w_n computed on the device from
+  // `n_averaged`, which is bumped when `bump`. `models` are the tensors the table's model
+  // addresses point into (checked), so the dispatcher and torch.compile see what is read.
+  // `blocks` is the per-block work list ([B, 2]: tensor index, start element). A non-negative
+  // `rounding_seed` rounds bf16 shadows stochastically.
+  m.def(
+      "update_(Tensor(a!)[] flats, Tensor[] models, Tensor table, Tensor blocks, Tensor(b!) n_averaged, "
+      "int method, float p0, float p1, bool bump, int rounding_seed) -> ()");
+}

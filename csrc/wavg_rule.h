@@ -1,0 +1,100 @@
+// The averaging rule, shared by the CPU and CUDA kernels: the step weight w_n of each method, the
+// element update, and the layout of the plan's tensor table. The numbers mirror
+// wavg_fused/plan.py (COLUMNS, DTYPE_CODES, ROLE_*) and wavg_fused/methods.py (Method.code).
+#pragma once
+
+#include <c10/macros/Macros.h>
+
+#include <cmath>
+#include <cstdint>
+#include <cstring>
+
+namespace wavg_fused {
+
+enum Method : int64_t { kEMA = 0, kSWA = 1, kTADEMA = 2 };
+
+enum Dtype : int64_t {
+  kFloat32 = 0, kFloat64 = 1, kFloat16 = 2, kBFloat16 = 3,
+  kInt64 = 4, kInt32 = 5, kInt16 = 6, kInt8 = 7, kUInt8 = 8, kBool = 9, kOther = 15,
+};
+
+enum Role : int64_t { kCopy = 0, kAverage = 1 };
+
+enum Column : int64_t {
+  kModelPtr = 0, kShadowPtr, kShadowOffset, kNumel, kModelDtype, kShadowDtype, kRole, kFlags,
+  kItemsize, kNumColumns,
+};
+
+constexpr int64_t kFlagAligned = 1;
+
+// w_n for n = updates averaged so far; w_0 = 1 for every method (the first update copies).
+// Double precision: the kernels round it once to their compute type.
+C10_HOST_DEVICE inline double step_weight(int64_t method, double p0, double /*p1*/, int64_t n) {
+  switch (method) {
+    case kEMA:
+      return n == 0 ? 1.0 : 1.0 - p0;
+    case kSWA:
+      return 1.0 / (static_cast<double>(n) + 1.0);
+    case kTADEMA:
+      return 1.0 - p0 * ::tanh(static_cast<double>(n));
+    default:
+      return 1.0;
+  }
+}
+
+// The element update s + w (m - s), written as torch.lerp does: from the nearer end, so w = 1
+// returns m exactly (the first update copies) and the result stays between s and m.
+// T is float, double, or a vector type with +, - and * (at::vec::Vectorized).
+template <typename T>
+C10_HOST_DEVICE inline T averaged(T s, T m, T w, T one_minus_w, bool from_shadow) {
+  return from_shadow ? s + w * (m - s) : m - (m - s) * one_minus_w;
+}
+
+inline C10_HOST_DEVICE bool lerp_from_shadow(double w) { return w < 0.5; }
+
+// ---- stochastic rounding to bfloat16 -------------------------------------------------------
+// Counter-based random bits (Philox4x32-10, Salmon et al. 2011): a pure function of
+// (seed, update count, element index), so every rank and every backend draws the same bits for
+// the same element of the same update, and a replayed update reproduces its result.
+struct Random4 {
+  uint32_t v[4];
+};
+
+C10_HOST_DEVICE inline Random4 philox4x32_10(uint32_t c0, uint32_t c1, uint32_t c2, uint32_t c3, uint32_t k0,
+                                            uint32_t k1) {
+  constexpr uint32_t kMul0 = 0xD2511F53u, kMul1 = 0xCD9E8D57u;
+  constexpr uint32_t kWeyl0 = 0x9E3779B9u, kWeyl1 = 0xBB67AE85u;
+  for (int round = 0; round < 10; ++round) {
+    const uint64_t p0 = static_cast<uint64_t>(kMul0) * c0;
+    const uint64_t p1 = static_cast<uint64_t>(kMul1) * c2;
+    const uint32_t n0 = static_cast<uint32_t>(p1 >> 32) ^ c1 ^ k0;
+    const uint32_t n2 = static_cast<uint32_t>(p0 >> 32) ^ c3 ^ k1;
+    c0 = n0;
+    c1 = static_cast<uint32_t>(p1);
+    c2 = n2;
+    c3 = static_cast<uint32_t>(p0);
+    k0 += kWeyl0;
+    k1 += kWeyl1;
+  }
+  return Random4{{c0, c1, c2, c3}};
+}
+
+// 32 random bits for each of the four elements 4*group .. 4*group+3 of the storage buffer.
+C10_HOST_DEVICE inline Random4 rounding_bits(int64_t seed, int64_t n_averaged, int64_t group) {
+  const auto g = static_cast<uint64_t>(group), n = static_cast<uint64_t>(n_averaged);
+  const auto k = static_cast<uint64_t>(seed);
+  return philox4x32_10(static_cast<uint32_t>(g), static_cast<uint32_t>(g >> 32), static_cast<uint32_t>(n),
+                       static_cast<uint32_t>(n >> 32), static_cast<uint32_t>(k), static_cast<uint32_t>(k >> 32));
+}
+
+// bfloat16 bits of `value` rounded up or down at random, with probability proportional to the
+// distance, so the expected result is `value` itself: an EMA whose step is below half a bf16 ulp
+// still moves on average (round-to-nearest would drop every such step).
+C10_HOST_DEVICE inline uint16_t stochastic_round_bf16(float value, uint32_t random) {
+  uint32_t bits;
+  memcpy(&bits, &value, sizeof(bits));
+  if ((bits & 0x7F800000u) != 0x7F800000u) bits += random & 0xFFFFu;  // Inf and NaN stay as they are
+  return static_cast<uint16_t>(bits >> 16);
+}
+
+}  // namespace wavg_fused

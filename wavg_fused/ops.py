@@ -1,0 +1,53 @@
+"""Typed Python wrappers of the compiled ops, with their fake (meta) implementations.
+
+Importing this module loads ``wavg_fused._C`` (the op registrations) and raises ``ImportError``
+when the extension was not built; the backend registry records that as the reason.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+
+from . import _C  # noqa: F401  (registers torch.ops.wavg_fused.*)
+from .plan import COLUMNS
+
+__all__ = ["update_"]
+
+
+def update_(
+    flats: Sequence[torch.Tensor],
+    models: Sequence[torch.Tensor],
+    table: torch.Tensor,
+    blocks: torch.Tensor,
+    n_averaged: torch.Tensor,
+    method: int,
+    p0: float,
+    p1: float,
+    bump: bool,
+    rounding_seed: int = -1,
+) -> None:
+    """Update every tensor of a plan in one fused pass (see ``wavg_fused.plan`` for the tables).
+
+    >>> import torch, wavg_fused as wf
+    >>> model = torch.nn.Linear(3, 2)
+    >>> avg = wf.Averager(model, wf.EMA(0.5), backend="cpu")
+    >>> avg.update(model)  # calls update_ once
+    >>> torch.equal(avg.module.weight, model.weight)
+    True
+    """
+    torch.ops.wavg_fused.update_.default(
+        list(flats), list(models), table, blocks, n_averaged, method, p0, p1, bump, rounding_seed
+    )
+
+
+@torch.library.register_fake("wavg_fused::update_")
+def _update_fake(flats, models, table, blocks, n_averaged, method, p0, p1, bump, rounding_seed) -> None:
+    # The op writes in place and returns nothing; under torch.compile only the shapes of the
+    # tables and the counter can be checked, the addresses inside them cannot.
+    torch._check(table.dim() == 2 and table.shape[1] == len(COLUMNS), lambda: "table must be [T, len(COLUMNS)]")
+    torch._check(table.shape[0] == len(models), lambda: "one model tensor per table row")
+    torch._check(blocks.dim() == 2 and blocks.shape[1] == 2, lambda: "blocks must be [B, 2]")
+    torch._check(n_averaged.numel() == 1 and n_averaged.dtype == torch.long, lambda: "n_averaged: one int64")
+    return None
