@@ -3,7 +3,7 @@ pure-PyTorch backend. Switches (environment variables, see README.md):
 
 * ``WAVG_FUSED_BUILD_EXT=0``: Python only, build no extension.
 * ``WAVG_FUSED_BUILD_CUDA=0/1``: force the CUDA kernels off/on (default: on when torch is a CUDA
-  build and ``nvcc`` is found via ``CUDA_HOME``; a visible GPU is not needed).
+  build and ``nvcc`` is found via ``CUDA_HOME``, else ``/usr/local/cuda``; no GPU is needed).
 * ``TORCH_CUDA_ARCH_LIST``: GPU architectures (default ``8.0;9.0+PTX``).
 * ``DEBUG=1``: ``-O0 -g``.
 * ``WAVG_FUSED_PTXAS_VERBOSE=1``: print ptxas resource usage (registers, spills) per kernel.
@@ -26,6 +26,10 @@ def _flag(name: str) -> bool | None:
 def extensions() -> tuple[list, dict]:
     if _flag("WAVG_FUSED_BUILD_EXT") is False:
         return [], {}
+    if not os.environ.get("CUDA_HOME") and os.path.exists("/usr/local/cuda/bin/nvcc"):
+        # torch guesses CUDA_HOME from the nvcc on PATH; a wrapper script there (as in some
+        # images) points it at a directory without the CUDA libraries.
+        os.environ["CUDA_HOME"] = "/usr/local/cuda"
     try:
         import torch
         from torch.utils.cpp_extension import CUDA_HOME, BuildExtension, CppExtension, CUDAExtension

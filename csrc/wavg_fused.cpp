@@ -15,9 +15,10 @@ TORCH_LIBRARY(wavg_fused, m) {
   // averaged or copied into the shadow storage `flats`, w_n computed on the device from
   // `n_averaged`, which is bumped when `bump`. `models` are the tensors the table's model
   // addresses point into (checked), so the dispatcher and torch.compile see what is read.
-  // `blocks` is the per-block work list ([B, 2]: tensor index, start element). A non-negative
+  // `blocks` is the per-block work list ([B, 2]: tensor index, start element); `workspace` is
+  // a zeroed int32 scratch the CUDA kernel uses to find its last block. A non-negative
   // `rounding_seed` rounds bf16 shadows stochastically.
   m.def(
       "update_(Tensor(a!)[] flats, Tensor[] models, Tensor table, Tensor blocks, Tensor(b!) n_averaged, "
-      "int method, float p0, float p1, bool bump, int rounding_seed) -> ()");
+      "Tensor(c!) workspace, int method, float p0, float p1, bool bump, int rounding_seed) -> ()");
 }

@@ -21,11 +21,13 @@ enum Dtype : int64_t {
 enum Role : int64_t { kCopy = 0, kAverage = 1 };
 
 enum Column : int64_t {
-  kModelPtr = 0, kShadowPtr, kShadowOffset, kNumel, kModelDtype, kShadowDtype, kRole, kFlags,
+  kModelPtr = 0, kFlat, kShadowOffset, kNumel, kModelDtype, kShadowDtype, kRole, kFlags,
   kItemsize, kNumColumns,
 };
 
 constexpr int64_t kFlagAligned = 1;
+// Storage buffers per device (one per dtype); the CUDA kernel takes their addresses by value.
+constexpr int kMaxFlats = 16;
 
 // w_n for n = updates averaged so far; w_0 = 1 for every method (the first update copies).
 // Double precision: the kernels round it once to their compute type.

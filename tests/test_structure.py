@@ -97,7 +97,9 @@ def test_plan_tables():
     assert roles["0.weight"] == ROLE_AVERAGE and roles["1.running_mean"] == ROLE_COPY
     assert roles["1.num_batches_tracked"] == ROLE_COPY
     for row, shadow, model_tensor in zip(table.tolist(), plan.shadows, plan.models):
-        assert row[col["shadow_ptr"]] == shadow.data_ptr() and row[col["model_ptr"]] == model_tensor.data_ptr()
+        flat = plan.flats[row[col["flat"]]]
+        assert flat.data_ptr() + row[col["shadow_offset"]] * flat.element_size() == shadow.data_ptr()
+        assert row[col["model_ptr"]] == model_tensor.data_ptr() and row[col["itemsize"]] == shadow.element_size()
         assert row[col["numel"]] == shadow.numel()
         assert row[col["flags"]] == 1  # both sides 16-byte aligned here
     assert plan.tensor_table() is table  # built once

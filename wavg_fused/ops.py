@@ -22,6 +22,7 @@ def update_(
     table: torch.Tensor,
     blocks: torch.Tensor,
     n_averaged: torch.Tensor,
+    workspace: torch.Tensor,
     method: int,
     p0: float,
     p1: float,
@@ -38,16 +39,17 @@ def update_(
     True
     """
     torch.ops.wavg_fused.update_.default(
-        list(flats), list(models), table, blocks, n_averaged, method, p0, p1, bump, rounding_seed
+        list(flats), list(models), table, blocks, n_averaged, workspace, method, p0, p1, bump, rounding_seed
     )
 
 
 @torch.library.register_fake("wavg_fused::update_")
-def _update_fake(flats, models, table, blocks, n_averaged, method, p0, p1, bump, rounding_seed) -> None:
+def _update_fake(flats, models, table, blocks, n_averaged, workspace, method, p0, p1, bump, rounding_seed) -> None:
     # The op writes in place and returns nothing; under torch.compile only the shapes of the
     # tables and the counter can be checked, the addresses inside them cannot.
     torch._check(table.dim() == 2 and table.shape[1] == len(COLUMNS), lambda: "table must be [T, len(COLUMNS)]")
     torch._check(table.shape[0] == len(models), lambda: "one model tensor per table row")
     torch._check(blocks.dim() == 2 and blocks.shape[1] == 2, lambda: "blocks must be [B, 2]")
     torch._check(n_averaged.numel() == 1 and n_averaged.dtype == torch.long, lambda: "n_averaged: one int64")
+    torch._check(workspace.numel() >= 1 and workspace.dtype == torch.int32, lambda: "workspace: int32")
     return None

@@ -1,8 +1,10 @@
 """The plan: what one update does, built once per model structure and consumed by every backend.
 
-Per tensor (``tensor_table``, int64, one row each): model address, shadow address, shadow offset
-in its flat buffer, element count, model and shadow dtype codes, role (average or copy) and
-flags. Per block (``block_table(block_elems)``): tensor index and start element, so a kernel
+Per tensor (``tensor_table``, int64, one row each): model address, which storage buffer (an index
+into ``flats``) and the element offset in it, element count, model and shadow dtype codes, role
+(average or copy), flags and element size. Shadows are addressed through the buffers passed to
+the op rather than by absolute address, so the op stays correct when torch.compile hands it
+copies of those buffers. Per block (``block_table(block_elems)``): tensor index and start element, so a kernel
 maps one program to one fixed-size piece of one tensor. Tables are built on the host once and
 kept on the plan's device; they change only when the plan is rebuilt.
 
@@ -50,7 +52,7 @@ OTHER_DTYPE = 15  # copied byte-wise (``itemsize`` bytes each): model and shadow
 
 COLUMNS = (
     "model_ptr",
-    "shadow_ptr",
+    "flat",
     "shadow_offset",
     "numel",
     "model_dtype",
@@ -147,6 +149,7 @@ class Plan:
         self.shadow_offsets = list(shadow_offsets)
         self.flats = list(flats)  # the storage buffers the shadows live in (what kernels write)
         self.device = self.shadows[0].device if self.shadows else torch.device("cpu")
+        self.workspace = torch.zeros(1, dtype=torch.int32, device=self.device)  # kernels' scratch, kept zeroed
         self.numels = [s.numel() for s in self.shadows]
         self.backend_cache: dict[str, object] = {}
         self._staged: list[tuple[torch.Tensor, torch.Tensor]] = []  # (staging buffer, model tensor)
@@ -171,13 +174,14 @@ class Plan:
 
     def host_tensor_table(self) -> torch.Tensor:
         """``[num_tensors, len(COLUMNS)]`` int64 on the CPU."""
+        flat_index = {flat.dtype: index for index, flat in enumerate(self.flats)}
         rows = []
         for shadow, model, offset, role in zip(self.shadows, self.readable_models, self.shadow_offsets, self.roles):
             aligned = model.data_ptr() % ALIGN_BYTES == 0 and shadow.data_ptr() % ALIGN_BYTES == 0
             rows.append(
                 (
                     model.data_ptr(),
-                    shadow.data_ptr(),
+                    flat_index.get(shadow.dtype, -1),
                     offset,
                     shadow.numel(),
                     DTYPE_CODES.get(model.dtype, OTHER_DTYPE),

@@ -122,9 +122,9 @@ void with_float_type(int64_t code, Fn&& fn) {
 }
 
 // Elements [begin, end) of one tensor (a row of the plan's table).
-void process(const int64_t* row, int64_t begin, int64_t end, const Weights& k) {
+void process(const int64_t* row, char* const* flat_bases, int64_t begin, int64_t end, const Weights& k) {
   const int64_t model_code = row[kModelDtype], shadow_code = row[kShadowDtype];
-  auto* shadow_base = reinterpret_cast<char*>(row[kShadowPtr]);
+  char* shadow_base = flat_bases[row[kFlat]] + row[kShadowOffset] * row[kItemsize];
   const auto* model_base = reinterpret_cast<const char*>(row[kModelPtr]);
   const bool floating = model_code <= kBFloat16 && shadow_code <= kBFloat16;
   if (!floating) {  // integers, bools and unknown types: always a byte copy of equal dtypes
@@ -152,6 +152,7 @@ void process(const int64_t* row, int64_t begin, int64_t end, const Weights& k) {
   });
 }
 
+// Everything the kernel will dereference, checked on the host (the table is on the CPU here).
 void check_plan(const at::TensorList flats, const at::TensorList models, const at::Tensor& table) {
   TORCH_CHECK(table.device().is_cpu() && table.scalar_type() == at::kLong && table.is_contiguous() &&
                   table.dim() == 2 && table.size(1) == kNumColumns,
@@ -159,6 +160,10 @@ void check_plan(const at::TensorList flats, const at::TensorList models, const a
               "], got ", table.sizes(), " ", table.scalar_type(), " on ", table.device());
   TORCH_CHECK(static_cast<int64_t>(models.size()) == table.size(0), "wavg_fused.update_: ", models.size(),
               " models for a table of ", table.size(0), " tensors");
+  for (const at::Tensor& flat : flats) {
+    TORCH_CHECK(flat.device().is_cpu() && flat.is_contiguous(), "wavg_fused.update_: storage buffers must be "
+                "contiguous CPU tensors");
+  }
   const int64_t* rows = table.data_ptr<int64_t>();
   for (int64_t t = 0; t < table.size(0); ++t) {
     const int64_t* row = rows + t * kNumColumns;
@@ -167,22 +172,20 @@ void check_plan(const at::TensorList flats, const at::TensorList models, const a
     TORCH_CHECK(model.device().is_cpu() && reinterpret_cast<int64_t>(model.data_ptr()) == row[kModelPtr] &&
                     model.numel() == row[kNumel],
                 "wavg_fused.update_: models[", t, "] is not the tensor the plan was built for (stale plan)");
-    const int64_t bytes = row[kNumel] * row[kItemsize];
-    bool inside = false;
-    for (const at::Tensor& flat : flats) {
-      const auto start = reinterpret_cast<int64_t>(flat.data_ptr());
-      inside |= flat.device().is_cpu() && row[kShadowPtr] >= start &&
-                row[kShadowPtr] + bytes <= start + flat.numel() * static_cast<int64_t>(flat.element_size());
-    }
-    TORCH_CHECK(inside, "wavg_fused.update_: shadow of tensor ", t, " lies outside the storage buffers");
+    TORCH_CHECK(row[kFlat] >= 0 && row[kFlat] < static_cast<int64_t>(flats.size()),
+                "wavg_fused.update_: tensor ", t, " names storage buffer ", row[kFlat], " of ", flats.size());
+    const at::Tensor& flat = flats[row[kFlat]];
+    TORCH_CHECK(static_cast<int64_t>(flat.element_size()) == row[kItemsize] && row[kShadowOffset] >= 0 &&
+                    row[kShadowOffset] + row[kNumel] <= flat.numel(),
+                "wavg_fused.update_: shadow of tensor ", t, " lies outside its storage buffer");
   }
 }
 
-// `blocks` is the CUDA kernel's work list; the CPU splits the element range itself, which
-// balances threads better when tensor sizes differ wildly.
+// `blocks` and `workspace` serve the CUDA kernel; the CPU splits the element range itself,
+// which balances threads better when tensor sizes differ wildly.
 void update_cpu(at::TensorList flats, at::TensorList models, const at::Tensor& table, const at::Tensor& /*blocks*/,
-                const at::Tensor& n_averaged, int64_t method, double p0, double p1, bool bump,
-                int64_t rounding_seed) {
+                const at::Tensor& n_averaged, const at::Tensor& /*workspace*/, int64_t method, double p0, double p1,
+                bool bump, int64_t rounding_seed) {
   check_plan(flats, models, table);
   TORCH_CHECK(n_averaged.device().is_cpu() && n_averaged.scalar_type() == at::kLong && n_averaged.numel() == 1,
               "wavg_fused.update_: n_averaged must be a one-element CPU int64 tensor");
@@ -195,12 +198,15 @@ void update_cpu(at::TensorList flats, at::TensorList models, const at::Tensor& t
   std::vector<int64_t> first(num_tensors + 1, 0);  // first element of each tensor in the whole plan
   for (int64_t t = 0; t < num_tensors; ++t) first[t + 1] = first[t] + rows[t * kNumColumns + kNumel];
 
+  std::vector<char*> flat_bases;
+  for (const at::Tensor& flat : flats) flat_bases.push_back(static_cast<char*>(flat.data_ptr()));
+
   at::parallel_for(0, first.back(), kGrainElems, [&](int64_t begin, int64_t end) {
     int64_t t = std::upper_bound(first.begin(), first.end(), begin) - first.begin() - 1;
     for (; t < num_tensors && first[t] < end; ++t) {
       const int64_t lo = std::max(begin, first[t]) - first[t];
       const int64_t hi = std::min(end, first[t + 1]) - first[t];
-      if (hi > lo) process(rows + t * kNumColumns, lo, hi, k);
+      if (hi > lo) process(rows + t * kNumColumns, flat_bases.data(), lo, hi, k);
     }
   });
   if (bump) *counter += 1;

@@ -39,9 +39,9 @@ def _load_from(module: str, attribute: str) -> Callable[[], Backend]:
 
 
 _LOADERS: dict[str, Callable[[], Backend]] = {
-    "cuda": _load_from(".cuda_backend", "CudaBackend"),
+    "cuda": _load_from(".fused", "CudaBackend"),
     "triton": _load_from(".triton_backend", "TritonBackend"),
-    "cpu": _load_from(".cpu_backend", "CpuBackend"),
+    "cpu": _load_from(".fused", "CpuBackend"),
     "torch": TorchBackend,
 }
 BACKEND_NAMES = tuple(_LOADERS)

@@ -1,0 +1,58 @@
+"""The compiled backends: ``cpu`` (``csrc/cpu``) and ``cuda`` (``csrc/cuda``), one op call per update.
+
+Both call ``torch.ops.wavg_fused.update_`` with the plan's tables; the dispatcher picks the CPU
+or CUDA kernel from the tensors' device.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from .. import ops  # ImportError without the compiled extension: the registry reports it
+from ..methods import Method
+from ..plan import Plan
+
+
+class _FusedBackend:
+    name: str
+    device_type: str
+    block_elems: int
+
+    def unavailable_reason(self, device: torch.device) -> str | None:
+        if device.type != self.device_type:
+            return f"runs on {self.device_type} tensors, not {device.type}"
+        if not torch._C._dispatch_has_kernel_for_dispatch_key("wavg_fused::update_", self.device_type.upper()):
+            return f"the compiled extension has no {self.device_type} kernel (built without it)"
+        return None
+
+    def update(self, plan: Plan, method: Method, n_averaged: torch.Tensor, bump: bool, rounding_seed: int = -1) -> None:
+        plan.stage()
+        ops.update_(
+            plan.flats,
+            plan.readable_models,
+            plan.tensor_table(),
+            plan.block_table(self.block_elems),
+            n_averaged,
+            plan.workspace,
+            method.code,
+            *method.params,
+            bump,
+            rounding_seed,
+        )
+
+
+class CpuBackend(_FusedBackend):
+    name = "cpu"
+    device_type = "cpu"
+    block_elems = 1 << 16  # unused by the CPU kernel, which splits the element range itself
+
+
+class CudaBackend(_FusedBackend):
+    name = "cuda"
+    device_type = "cuda"
+    block_elems = 4096  # must equal kBlockElems in csrc/cuda/update_cuda.cu
+
+    def unavailable_reason(self, device: torch.device) -> str | None:
+        if device.type == "cuda" and not torch.cuda.is_available():
+            return "no CUDA device"
+        return super().unavailable_reason(device)
