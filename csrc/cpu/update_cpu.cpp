@@ -122,10 +122,10 @@ void with_float_type(int64_t code, Fn&& fn) {
 }
 
 // Elements [begin, end) of one tensor (a row of the plan's table).
-void process(const int64_t* row, char* const* flat_bases, int64_t begin, int64_t end, const Weights& k) {
+void process(const int64_t* row, char* const* flat_bases, const char* model_base, int64_t begin, int64_t end,
+             const Weights& k) {
   const int64_t model_code = row[kModelDtype], shadow_code = row[kShadowDtype];
   char* shadow_base = flat_bases[row[kFlat]] + row[kShadowOffset] * row[kItemsize];
-  const auto* model_base = reinterpret_cast<const char*>(row[kModelPtr]);
   const bool floating = model_code <= kBFloat16 && shadow_code <= kBFloat16;
   if (!floating) {  // integers, bools and unknown types: always a byte copy of equal dtypes
     const int64_t size = row[kItemsize];
@@ -152,6 +152,22 @@ void process(const int64_t* row, char* const* flat_bases, int64_t begin, int64_t
   });
 }
 
+int64_t dtype_code(at::ScalarType type) {
+  switch (type) {
+    case at::kFloat: return kFloat32;
+    case at::kDouble: return kFloat64;
+    case at::kHalf: return kFloat16;
+    case at::kBFloat16: return kBFloat16;
+    case at::kLong: return kInt64;
+    case at::kInt: return kInt32;
+    case at::kShort: return kInt16;
+    case at::kChar: return kInt8;
+    case at::kByte: return kUInt8;
+    case at::kBool: return kBool;
+    default: return kOther;
+  }
+}
+
 // Everything the kernel will dereference, checked on the host (the table is on the CPU here).
 void check_plan(const at::TensorList flats, const at::TensorList models, const at::Tensor& table) {
   TORCH_CHECK(table.device().is_cpu() && table.scalar_type() == at::kLong && table.is_contiguous() &&
@@ -168,10 +184,14 @@ void check_plan(const at::TensorList flats, const at::TensorList models, const a
   for (int64_t t = 0; t < table.size(0); ++t) {
     const int64_t* row = rows + t * kNumColumns;
     if (row[kNumel] == 0) continue;
+    // The CPU kernel reads models[t] itself (not the address in the table), so copies of the
+    // inputs (torch.library.opcheck, functionalization) are read correctly; they must only match
+    // the plan's element count, dtype and dense layout.
     const at::Tensor& model = models[t];
-    TORCH_CHECK(model.device().is_cpu() && reinterpret_cast<int64_t>(model.data_ptr()) == row[kModelPtr] &&
-                    model.numel() == row[kNumel],
-                "wavg_fused.update_: models[", t, "] is not the tensor the plan was built for (stale plan)");
+    TORCH_CHECK(model.device().is_cpu() && model.numel() == row[kNumel] && model.is_non_overlapping_and_dense() &&
+                    dtype_code(model.scalar_type()) == row[kModelDtype],
+                "wavg_fused.update_: models[", t, "] does not match the plan (", model.numel(), " elements of ",
+                model.scalar_type(), "; the plan has ", row[kNumel], ")");
     TORCH_CHECK(row[kFlat] >= 0 && row[kFlat] < static_cast<int64_t>(flats.size()),
                 "wavg_fused.update_: tensor ", t, " names storage buffer ", row[kFlat], " of ", flats.size());
     const at::Tensor& flat = flats[row[kFlat]];
@@ -200,13 +220,15 @@ void update_cpu(at::TensorList flats, at::TensorList models, const at::Tensor& t
 
   std::vector<char*> flat_bases;
   for (const at::Tensor& flat : flats) flat_bases.push_back(static_cast<char*>(flat.data_ptr()));
+  std::vector<const char*> model_bases;
+  for (const at::Tensor& model : models) model_bases.push_back(static_cast<const char*>(model.const_data_ptr()));
 
   at::parallel_for(0, first.back(), kGrainElems, [&](int64_t begin, int64_t end) {
     int64_t t = std::upper_bound(first.begin(), first.end(), begin) - first.begin() - 1;
     for (; t < num_tensors && first[t] < end; ++t) {
       const int64_t lo = std::max(begin, first[t]) - first[t];
       const int64_t hi = std::min(end, first[t + 1]) - first[t];
-      if (hi > lo) process(rows + t * kNumColumns, flat_bases.data(), lo, hi, k);
+      if (hi > lo) process(rows + t * kNumColumns, flat_bases.data(), model_bases[t], lo, hi, k);
     }
   });
   if (bump) *counter += 1;
