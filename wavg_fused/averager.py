@@ -64,6 +64,10 @@ class Averager(nn.Module):
         dtype: floating-point dtype of the averaged copy, e.g. ``torch.float32`` for an fp32
             average of a bf16 model (default: the model's dtypes).
         backend: ``"auto"``, ``"cuda"``, ``"triton"``, ``"cpu"`` or ``"torch"``.
+        stochastic_rounding: round averaged bfloat16 tensors up or down at random (unbiased)
+            instead of to nearest, so a bf16 EMA with decay near 1 keeps moving. The random bits
+            are a function of ``rounding_seed``, the update count and the element, so results
+            are reproducible and equal on every rank and backend.
 
     The state dict has the keys ``torch.optim.swa_utils.AveragedModel`` writes
     (``module.<name>`` and ``n_averaged``).
@@ -89,6 +93,8 @@ class Averager(nn.Module):
         device: torch.device | str | int | None = None,
         dtype: torch.dtype | None = None,
         backend: str = "auto",
+        stochastic_rounding: bool = False,
+        rounding_seed: int = 0,
     ) -> None:
         super().__init__()
         if not isinstance(model, nn.Module):
@@ -100,9 +106,13 @@ class Averager(nn.Module):
             raise ValueError(f"dtype must be a floating-point torch.dtype or None, got {dtype!r}")
         if not isinstance(backend, str):
             raise TypeError(f"backend must be a string, got {backend!r}")
+        if isinstance(rounding_seed, bool) or not isinstance(rounding_seed, int) or not 0 <= rounding_seed < 2**63:
+            raise ValueError(f"rounding_seed must be an int in [0, 2**63), got {rounding_seed!r}")
         self.method = method
         self.use_buffers = bool(use_buffers)
         self.backend = backend
+        self.stochastic_rounding = bool(stochastic_rounding)
+        self.rounding_seed = rounding_seed
         self.module = copy.deepcopy(de_parallel(model))
         self._storage = pack_module(self.module, device=device, dtype=dtype)
         first = next(iter(self._storage.flats), None)
@@ -117,7 +127,8 @@ class Averager(nn.Module):
         return self.module(*args, **kwargs)
 
     def extra_repr(self) -> str:
-        return f"method={self.method!r}, use_buffers={self.use_buffers}, backend={self.backend!r}"
+        rounding = f", stochastic_rounding=True, rounding_seed={self.rounding_seed}" if self.stochastic_rounding else ""
+        return f"method={self.method!r}, use_buffers={self.use_buffers}, backend={self.backend!r}{rounding}"
 
     def _reset_caches(self) -> None:
         for name in _TRANSIENT:
@@ -190,12 +201,13 @@ class Averager(nn.Module):
             update_per_tensor(self._runs, self.method, self.n_averaged)
             return
         counter, bumped = self.n_averaged, False
+        seed = self.rounding_seed if self.stochastic_rounding else -1
         for plan, backend in self._runs:  # the counter's own device runs last: others read it first
             if plan.device == counter.device:
-                backend.update(plan, self.method, counter, True)
+                backend.update(plan, self.method, counter, True, seed)
                 bumped = True
             else:
-                backend.update(plan, self.method, counter.to(plan.device, non_blocking=True), False)
+                backend.update(plan, self.method, counter.to(plan.device, non_blocking=True), False, seed)
         if not bumped:
             counter.add_(1)
 

@@ -15,7 +15,8 @@ class Backend(Protocol):
 
     ``update`` applies ``method`` to every tensor of ``plan`` reading ``n_averaged`` (a 0-dim
     ``torch.long`` tensor on ``plan.device``) on the device, and adds 1 to it when ``bump``.
-    It must not read a device value on the host.
+    It must not read a device value on the host. A non-negative ``rounding_seed`` rounds averaged
+    bfloat16 shadows stochastically, bit for bit as ``wavg_fused.rounding`` does.
     """
 
     name: str
@@ -24,4 +25,6 @@ class Backend(Protocol):
         """``None`` if this backend can update tensors on ``device``, else why not."""
         ...
 
-    def update(self, plan: Plan, method: Method, n_averaged: torch.Tensor, bump: bool) -> None: ...
+    def update(
+        self, plan: Plan, method: Method, n_averaged: torch.Tensor, bump: bool, rounding_seed: int = -1
+    ) -> None: ...

@@ -16,6 +16,7 @@ import torch
 
 from ..methods import Method
 from ..plan import ROLE_AVERAGE, Plan
+from ..rounding import stochastic_round_bf16
 
 
 def compute_dtype(shadow_dtype: torch.dtype) -> torch.dtype:
@@ -26,6 +27,7 @@ def compute_dtype(shadow_dtype: torch.dtype) -> torch.dtype:
 class _Group:
     shadows: list[torch.Tensor]
     models: list[torch.Tensor]
+    offsets: list[int] = field(default_factory=list)  # element offsets in storage: keys of stochastic rounding
     weights: list[torch.Tensor] = field(default_factory=list)  # expanded views of one 0-dim weight
     direct: bool = True  # shadows and models already have the compute dtype and device
 
@@ -39,12 +41,13 @@ class _Prepared:
 
 def _prepare(plan: Plan) -> _Prepared:
     grouped: dict[tuple, _Group] = {}
-    for shadow, model, role in zip(plan.shadows, plan.models, plan.roles):
+    for shadow, model, role, offset in zip(plan.shadows, plan.models, plan.roles, plan.shadow_offsets):
         if shadow.numel() == 0:
             continue
-        key = (role, shadow.dtype, model.dtype, model.device)
-        grouped.setdefault(key, _Group([], [])).shadows.append(shadow)
-        grouped[key].models.append(model)
+        group = grouped.setdefault((role, shadow.dtype, model.dtype, model.device), _Group([], []))
+        group.shadows.append(shadow)
+        group.models.append(model)
+        group.offsets.append(offset)
 
     copies, averages, weights = [], [], {}
     for (role, shadow_dtype, model_dtype, model_device), group in grouped.items():
@@ -67,7 +70,7 @@ class TorchBackend:
     def unavailable_reason(self, device: torch.device) -> str | None:
         return None
 
-    def update(self, plan: Plan, method: Method, n_averaged: torch.Tensor, bump: bool) -> None:
+    def update(self, plan: Plan, method: Method, n_averaged: torch.Tensor, bump: bool, rounding_seed: int = -1) -> None:
         prepared = plan.backend_cache.get(self.name)
         if prepared is None:
             prepared = plan.backend_cache[self.name] = _prepare(plan)
@@ -85,6 +88,10 @@ class TorchBackend:
             shadows = [s.to(opmath) for s in group.shadows]
             models = [m.to(device=plan.device, dtype=opmath) for m in group.models]
             torch._foreach_lerp_(shadows, models, group.weights)
+            if rounding_seed >= 0 and group.shadows[0].dtype == torch.bfloat16:
+                for shadow, value, offset in zip(group.shadows, shadows, group.offsets):
+                    shadow.copy_(stochastic_round_bf16(value, rounding_seed, n_averaged, offset))
+                continue
             torch._foreach_copy_(group.shadows, shadows)
         if bump:
             n_averaged.add_(1)
