@@ -40,7 +40,10 @@ def extensions() -> tuple[list, dict]:
     debug = _flag("DEBUG") is True
     cxx = ["-O0", "-g"] if debug else ["-O3"]
     cxx += ["-fopenmp"]  # the C++ standard is what torch's headers need; BuildExtension sets it
-    sources = ["csrc/wavg_fused.cpp", *sorted(glob.glob("csrc/cpu/*.cpp"))]
+    # Files compiled for a wider instruction set come last: the linker keeps the first copy of an
+    # inline function it sees, and that copy must run on every CPU.
+    sources = ["csrc/wavg_fused.cpp", "csrc/cpu/update_cpu.cpp", "csrc/cpu/kernel_default.cpp",
+               "csrc/cpu/kernel_avx2.cpp", "csrc/cpu/kernel_avx512.cpp"]
     build_cuda = _flag("WAVG_FUSED_BUILD_CUDA")
     if build_cuda is None:
         build_cuda = torch.version.cuda is not None and CUDA_HOME is not None

@@ -18,7 +18,6 @@ __all__ = ["update_"]
 
 def update_(
     flats: Sequence[torch.Tensor],
-    models: Sequence[torch.Tensor],
     table: torch.Tensor,
     blocks: torch.Tensor,
     n_averaged: torch.Tensor,
@@ -31,6 +30,9 @@ def update_(
 ) -> None:
     """Update every tensor of a plan in one fused pass (see ``wavg_fused.plan`` for the tables).
 
+    The model tensors are read at the addresses in ``table``; the caller keeps them alive and
+    rebuilds the table when one of them moves (``Averager`` does both).
+
     >>> import torch, wavg_fused as wf
     >>> model = torch.nn.Linear(3, 2)
     >>> avg = wf.Averager(model, wf.EMA(0.5), backend="cpu")
@@ -39,16 +41,15 @@ def update_(
     True
     """
     torch.ops.wavg_fused.update_.default(
-        list(flats), list(models), table, blocks, n_averaged, workspace, method, p0, p1, bump, rounding_seed
+        list(flats), table, blocks, n_averaged, workspace, method, p0, p1, bump, rounding_seed
     )
 
 
 @torch.library.register_fake("wavg_fused::update_")
-def _update_fake(flats, models, table, blocks, n_averaged, workspace, method, p0, p1, bump, rounding_seed) -> None:
+def _update_fake(flats, table, blocks, n_averaged, workspace, method, p0, p1, bump, rounding_seed) -> None:
     # The op writes in place and returns nothing; under torch.compile only the shapes of the
     # tables and the counter can be checked, the addresses inside them cannot.
     torch._check(table.dim() == 2 and table.shape[1] == len(COLUMNS), lambda: "table must be [T, len(COLUMNS)]")
-    torch._check(table.shape[0] == len(models), lambda: "one model tensor per table row")
     torch._check(blocks.dim() == 2 and blocks.shape[1] == 2, lambda: "blocks must be [B, 2]")
     torch._check(n_averaged.numel() == 1 and n_averaged.dtype == torch.long, lambda: "n_averaged: one int64")
     torch._check(workspace.numel() >= 1 and workspace.dtype == torch.int32, lambda: "workspace: int32")

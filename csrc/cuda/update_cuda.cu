@@ -144,7 +144,7 @@ __global__ void __launch_bounds__(kThreads)
   }
 }
 
-void update_cuda(at::TensorList flats, at::TensorList models, const at::Tensor& table, const at::Tensor& blocks,
+void update_cuda(at::TensorList flats, const at::Tensor& table, const at::Tensor& blocks,
                  const at::Tensor& n_averaged, const at::Tensor& workspace, int64_t method, double p0, double p1,
                  bool bump, int64_t rounding_seed) {
   TORCH_CHECK(table.is_cuda() && table.scalar_type() == at::kLong && table.is_contiguous() && table.dim() == 2 &&
@@ -155,8 +155,6 @@ void update_cuda(at::TensorList flats, at::TensorList models, const at::Tensor& 
               "wavg_fused.update_: blocks must be a contiguous CUDA int64 tensor [B, 2]");
   TORCH_CHECK(workspace.is_cuda() && workspace.scalar_type() == at::kInt && workspace.numel() >= 1,
               "wavg_fused.update_: workspace must be a CUDA int32 tensor of at least one element");
-  TORCH_CHECK(static_cast<int64_t>(models.size()) == table.size(0), "wavg_fused.update_: ", models.size(),
-              " models for a table of ", table.size(0), " tensors");
   TORCH_CHECK(n_averaged.is_cuda() && n_averaged.scalar_type() == at::kLong && n_averaged.numel() == 1,
               "wavg_fused.update_: n_averaged must be a one-element CUDA int64 tensor");
   TORCH_CHECK(blocks.get_device() == table.get_device() && n_averaged.get_device() == table.get_device() &&

@@ -29,7 +29,6 @@ class _FusedBackend:
         plan.stage()
         ops.update_(
             plan.flats,
-            plan.readable_models,
             plan.tensor_table(),
             plan.block_table(self.block_elems),
             n_averaged,
