@@ -42,8 +42,14 @@ def extensions() -> tuple[list, dict]:
     cxx += ["-fopenmp"]  # the C++ standard is what torch's headers need; BuildExtension sets it
     # Files compiled for a wider instruction set come last: the linker keeps the first copy of an
     # inline function it sees, and that copy must run on every CPU.
-    sources = ["csrc/wavg_fused.cpp", "csrc/cpu/update_cpu.cpp", "csrc/cpu/kernel_default.cpp",
-               "csrc/cpu/kernel_avx2.cpp", "csrc/cpu/kernel_avx512.cpp"]
+    sources = [
+        "csrc/wavg_fused.cpp",
+        "csrc/module.cpp",
+        "csrc/cpu/update_cpu.cpp",
+        "csrc/cpu/kernel_default.cpp",
+        "csrc/cpu/kernel_avx2.cpp",
+        "csrc/cpu/kernel_avx512.cpp",
+    ]
     build_cuda = _flag("WAVG_FUSED_BUILD_CUDA")
     if build_cuda is None:
         build_cuda = torch.version.cuda is not None and CUDA_HOME is not None

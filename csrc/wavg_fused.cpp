@@ -1,14 +1,5 @@
 // The op schemas, defined once; each device file registers its implementation.
-#include <Python.h>
 #include <torch/library.h>
-
-extern "C" {
-// `import wavg_fused._C` loads this library, which runs the registrations below.
-PyObject* PyInit__C(void) {
-  static struct PyModuleDef module_def = {PyModuleDef_HEAD_INIT, "_C", nullptr, -1, nullptr};
-  return PyModule_Create(&module_def);
-}
-}
 
 TORCH_LIBRARY(wavg_fused, m) {
   // One update of a whole plan: every tensor of `table` (rows as in wavg_fused/plan.py COLUMNS)

@@ -16,6 +16,7 @@ from .plan import ROLE_AVERAGE, ROLE_COPY, Plan, check_structure
 from .storage import ShadowStorage, named_tensors, pack_module
 from .unfused import update_per_tensor
 from .unwrap import de_parallel
+from .watch import AddressWatch
 
 __all__ = ["Averager", "AvgFn"]
 
@@ -24,7 +25,7 @@ AvgFn = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
 
 # Per-update caches: they reference the live model's internals, so they are never pickled or
 # deep-copied; they are rebuilt on the next update.
-_TRANSIENT = ("_model_ref", "_model_slots", "_shadow_names", "_shadow_slots", "_plan_key", "_runs")
+_TRANSIENT = ("_model_ref", "_model_slots", "_shadow_names", "_shadow_slots", "_plan_key", "_runs", "_watch")
 
 
 def _slots(module: nn.Module) -> tuple[list[str], list[tuple[dict, str]]]:
@@ -149,7 +150,8 @@ class Averager(nn.Module):
 
     def _repack(self) -> None:
         self._storage = pack_module(self.module)
-        self._reset_caches()
+        for name in ("_shadow_names", "_shadow_slots", "_plan_key", "_runs", "_watch"):
+            self.__dict__[name] = None
 
     @property
     def storage(self) -> ShadowStorage:
@@ -192,11 +194,8 @@ class Averager(nn.Module):
         naming the first mismatching tensor, and the average is left untouched.
         """
         model = de_parallel(model)
-        models = self._model_tensors(model)
-        shadows = self._shadow_tensors()
-        key = _fingerprint(models, shadows)
-        if key != self._plan_key:
-            self._build_plans(models, shadows, key)
+        if self._watch is None or self._model_ref() is not model or self._watch.moved():
+            self._refresh(model)
         if not isinstance(self.method, Method):
             update_per_tensor(self._runs, self.method, self.n_averaged)
             return
@@ -210,6 +209,16 @@ class Averager(nn.Module):
                 backend.update(plan, self.method, counter.to(plan.device, non_blocking=True), False, seed)
         if not bumped:
             counter.add_(1)
+
+    def _refresh(self, model: nn.Module) -> None:
+        """The slow path, taken when the model object or a tensor address changed: check the
+        structure, rebuild the plans if any address differs, and watch the new addresses."""
+        models = self._model_tensors(model)
+        shadows = self._shadow_tensors()
+        key = _fingerprint(models, shadows)
+        if key != self._plan_key:
+            self._build_plans(models, shadows, key)
+        self._watch = AddressWatch(self._model_slots + self._shadow_slots)
 
     def _shadow_tensors(self) -> list[torch.Tensor]:
         if self._shadow_slots is None:
