@@ -40,13 +40,3 @@ def test_report_names_every_backend():
     assert f"torch {torch.__version__}" in report
     for name in registry.BACKEND_NAMES:
         assert f"  {name}" in report
-
-
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
-def test_cpu_shadow_of_cuda_model(method):
-    model = nn.Sequential(nn.Linear(5, 4), nn.BatchNorm1d(4)).cuda()
-    avg = wf.Averager(model, method, device="cpu")
-    assert avg.n_averaged.device.type == "cpu"
-    for _ in range(3):
-        avg.update(model)
-    torch.testing.assert_close(avg.module[0].weight, model[0].weight.cpu())

@@ -134,3 +134,17 @@ def test_staging_for_tensors_kernels_cannot_read_in_place():
     plan.stage()
     assert torch.equal(plan.readable_models[0], model.a.detach())
     assert plan.readable_models[1] is model.b
+
+
+def test_misaligned_model_views_are_flagged_and_still_exact(backend):
+    base = torch.randn(1 + 64 * 3)
+    model = nn.Module()
+    model.w = nn.Parameter(base[1:].view(64, 3))  # 4 bytes past an aligned address: no vector loads
+    avg = wf.Averager(model, wf.EMA(0.5), backend=backend)
+    avg.update(model)
+    table = avg._runs[0][0].tensor_table()
+    assert table[0, COLUMNS.index("flags")].item() == 0
+    with torch.no_grad():
+        model.w.add_(2.0)
+    avg.update(model)
+    torch.testing.assert_close(avg.module.w, model.w - 1.0)

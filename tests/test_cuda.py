@@ -1,0 +1,99 @@
+"""The CUDA paths (skipped without a GPU): every CUDA backend against the torch backend, one
+kernel launch per update, CUDA graph capture and replay, CPU averages of CUDA models."""
+
+import copy
+
+import pytest
+import torch
+from conftest import DTYPES, cached_run
+from torch import nn
+
+import wavg_fused as wf
+
+pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+
+CUDA_BACKENDS = wf.available_backends("cuda") if torch.cuda.is_available() else []
+FUSED = [name for name in CUDA_BACKENDS if name != "torch"]
+
+
+def _cuda_run(kind, dtype, method, backend, *, shadow_dtype=None, steps=20, **kwargs):
+    initial, states = cached_run(kind)
+    model = copy.deepcopy(initial).to("cuda", dtype)
+    avg = wf.Averager(model, method, backend=backend, dtype=shadow_dtype, **kwargs)
+    for state in states[:steps]:
+        model.load_state_dict(state)
+        avg.update(model)
+    return avg
+
+
+@pytest.mark.parametrize("backend", FUSED)
+@pytest.mark.parametrize("dtype", list(DTYPES.values()), ids=list(DTYPES))
+@pytest.mark.parametrize("use_buffers", [False, True])
+def test_fused_cuda_equals_torch_backend(backend, dtype, use_buffers, method):
+    fused = _cuda_run("cnn", dtype, method, backend, use_buffers=use_buffers)
+    plain = _cuda_run("cnn", dtype, method, "torch", use_buffers=use_buffers)
+    assert int(fused.n_averaged) == int(plain.n_averaged)
+    for (name, a), b in zip(fused.module.state_dict().items(), plain.module.state_dict().values()):
+        ulp = torch.finfo(a.dtype).eps if a.is_floating_point() else 0
+        scale = b.double().abs().max().item() if b.numel() else 0
+        torch.testing.assert_close(a.double(), b.double(), rtol=2 * ulp, atol=2 * ulp * scale, msg=name)
+
+
+@pytest.mark.parametrize("backend", FUSED)
+def test_fp32_shadow_of_bf16_model_and_stochastic_rounding(backend, method):
+    for kwargs in ({"shadow_dtype": torch.float32}, {"shadow_dtype": torch.bfloat16, "stochastic_rounding": True}):
+        fused = _cuda_run("transformer", torch.bfloat16, method, backend, use_buffers=True, **kwargs)
+        plain = _cuda_run("transformer", torch.bfloat16, method, "torch", use_buffers=True, **kwargs)
+        for (name, a), b in zip(fused.module.state_dict().items(), plain.module.state_dict().values()):
+            torch.testing.assert_close(a, b, rtol=2 * torch.finfo(a.dtype).eps, atol=0, msg=name)
+
+
+@pytest.mark.parametrize("backend", FUSED)
+def test_one_kernel_launch_per_update(backend):
+    model = nn.ModuleList([nn.Linear(64, 64) for _ in range(300)]).cuda()
+    avg = wf.Averager(model, wf.EMA(0.99), backend=backend)
+    avg.update(model)
+    torch.cuda.synchronize()
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
+        avg.update(model)
+        torch.cuda.synchronize()
+    kernels = [e for e in prof.events() if e.device_type == torch.autograd.DeviceType.CUDA]
+    assert len(kernels) == 1, [e.name for e in kernels]
+
+
+@pytest.mark.parametrize("backend", FUSED)
+def test_graph_replay_equals_eager_updates(backend, method):
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(33, 65), nn.BatchNorm1d(65), nn.Linear(65, 3)).cuda()
+    eager = wf.Averager(model, method, backend=backend)
+    graphed = wf.Averager(model, method, backend=backend)
+    eager.update(model)
+    graphed.update(model)  # plans built outside the capture
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):
+        graphed.update(model)  # warm-up on the side stream, as capture requires
+    torch.cuda.current_stream().wait_stream(stream)
+    eager.update(model)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        graphed.update(model)
+    for step in range(5):
+        with torch.no_grad():
+            for p in model.parameters():
+                p.add_(0.01 * (step + 1))
+        graph.replay()
+        eager.update(model)
+    torch.cuda.synchronize()
+    assert int(graphed.n_averaged) == int(eager.n_averaged) == 7  # capture records, does not run
+    for (name, a), b in zip(graphed.module.state_dict().items(), eager.module.state_dict().values()):
+        assert torch.equal(a, b), name
+
+
+def test_cpu_average_of_cuda_model_uses_staging(method):
+    model = nn.Sequential(nn.Linear(5, 4), nn.BatchNorm1d(4)).cuda()
+    avg = wf.Averager(model, method, device="cpu")
+    assert avg.n_averaged.device.type == "cpu"
+    for _ in range(3):
+        avg.update(model)
+    torch.testing.assert_close(avg.module[0].weight, model[0].weight.cpu())
