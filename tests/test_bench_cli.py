@@ -6,6 +6,7 @@ import pytest
 
 import wavg_fused as wf
 from wavg_fused.bench.cli import main
+from wavg_fused.bench.peers import make_peers
 from wavg_fused.bench.zoo import resnet50, vit_b16
 
 
@@ -17,7 +18,9 @@ def test_bench_quick_prints_every_peer_and_writes_json(tmp_path, capsys):
     path = tmp_path / "bench.json"
     assert main(["bench", "--quick", "--models", "2000x1k", "--repeats", "2", "--json", str(path)]) == 0
     out = capsys.readouterr().out
-    peers = ["blog loop", "AveragedModel", *(f"wavg_fused[{b}]" for b in wf.available_backends("cpu")), "flat lerp_"]
+    peers = [p.name for p in make_peers("cpu")]
+    assert peers[:2] == ["blog loop", "AveragedModel"] and peers[-1] == "flat lerp_"
+    assert [f"wavg_fused[{b}]" for b in wf.available_backends("cpu")] == [p for p in peers if p.startswith("wavg")]
     assert out.startswith("# wavg-fused bench:")
     for peer in peers:
         assert f"2000x1k    {peer} " in out
@@ -28,6 +31,7 @@ def test_bench_quick_prints_every_peer_and_writes_json(tmp_path, capsys):
         assert row["model"] == "2000x1k" and row["numel"] == 2_000_000
         assert 0 < row["p10_ms"] <= row["median_ms"] <= row["p90_ms"]
         assert (row["speedup"] is not None) == row["peer"].startswith("wavg_fused[")
+        assert row["GBps"] > 0 and row["pct_copy_bw"] is None  # no copy bandwidth on the CPU
 
 
 def test_bench_rejects_unknown_model():

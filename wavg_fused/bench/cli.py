@@ -28,17 +28,38 @@ from .zoo import MODELS, QUICK
 __all__ = ["main", "conditions", "bench_model", "format_rows"]
 
 
-def conditions(repeats: int) -> dict[str, Any]:
+def conditions(repeats: int, device: str = "cpu") -> dict[str, Any]:
     """The machine state the numbers depend on; printed as the table's header and saved in JSON."""
-    return {
+    info = {
         "wavg_fused": wf.__version__,
         "torch": torch.__version__,
         "threads": torch.get_num_threads(),
         "cpus": os.cpu_count(),
+        "device": torch.cuda.get_device_name() if device == "cuda" else "cpu",
         "date": datetime.datetime.now().isoformat(timespec="seconds"),
         "repeats": repeats,
-        "backends": wf.available_backends("cpu"),
+        "backends": wf.available_backends(device),
     }
+    if device == "cuda":
+        info["copy_GBps"] = copy_bandwidth()
+    return info
+
+
+def copy_bandwidth(nbytes: int = 1 << 30, repeats: int = 20) -> float:
+    """Measured device-to-device copy bandwidth in GB/s, bytes read plus bytes written (the GPU limit)."""
+    src = torch.randn(nbytes // 4, device="cuda")
+    dst = torch.empty_like(src)
+    for _ in range(3):
+        dst.copy_(src)
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    samples = []
+    for _ in range(repeats):
+        start.record()
+        dst.copy_(src)
+        end.record()
+        end.synchronize()
+        samples.append(start.elapsed_time(end) / 1e3)
+    return 2 * nbytes / sorted(samples)[len(samples) // 2] / 1e9
 
 
 def _percentile(sorted_values: list[float], q: float) -> float:
@@ -50,21 +71,31 @@ def _percentile(sorted_values: list[float], q: float) -> float:
 
 
 def _time_round_robin(peers: list[Peer], model: nn.Module, repeats: int) -> list[list[float]]:
+    cuda = next(itertools.chain(model.parameters(), model.buffers())).is_cuda
     times: list[list[float]] = [[] for _ in peers]
     for r in range(repeats):
         for k in range(len(peers)):
             i = (r + k) % len(peers)  # rotate the start too, so no peer always runs first
-            start = time.perf_counter()
-            peers[i].step(model)
-            times[i].append(time.perf_counter() - start)
+            if cuda:  # device time between events; the host may run ahead, so sync per sample
+                start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+                start.record()
+                peers[i].step(model)
+                end.record()
+                end.synchronize()
+                times[i].append(start.elapsed_time(end) / 1e3)
+            else:
+                start = time.perf_counter()
+                peers[i].step(model)
+                times[i].append(time.perf_counter() - start)
     return times
 
 
-def bench_model(name: str, repeats: int) -> list[dict[str, Any]]:
+def bench_model(name: str, repeats: int, device: str = "cpu", copy_gbps: float | None = None) -> list[dict[str, Any]]:
     """One result row per peer for the zoo model ``name`` (times in milliseconds)."""
-    model = MODELS[name]()
+    model = MODELS[name]().to(device)
     tensors = [t.numel() for t in itertools.chain(model.parameters(), model.buffers())]
-    peers = make_peers("cpu")
+    nbytes = sum(t.numel() * t.element_size() for t in itertools.chain(model.parameters(), model.buffers()))
+    peers = make_peers(device)
     for peer in peers:
         warm_up(peer, model)
     times = _time_round_robin(peers, model, repeats)
@@ -86,6 +117,9 @@ def bench_model(name: str, repeats: int) -> list[dict[str, Any]]:
     for row, peer in zip(rows, peers):
         row["x_limit"] = row["median_ms"] / limit
         row["speedup"] = baseline / row["median_ms"] if isinstance(peer, WavgFused) else None
+        # an update reads the model and the average and writes the average: 3x the model's bytes
+        row["GBps"] = 3 * nbytes / (row["median_ms"] / 1e3) / 1e9
+        row["pct_copy_bw"] = 100 * row["GBps"] / copy_gbps if copy_gbps else None
     return rows
 
 
@@ -94,9 +128,10 @@ def format_rows(rows: list[dict[str, Any]]) -> str:
     lines = []
     for row in rows:
         speedup = f"{row['speedup']:8.2f}x" if row["speedup"] is not None else ""
+        pct = f"{row['pct_copy_bw']:6.1f}%" if row.get("pct_copy_bw") is not None else ""
         lines.append(
             f"{row['model']:10s} {row['peer']:20s} {row['median_ms']:10.3f} {row['p10_ms']:10.3f} "
-            f"{row['p90_ms']:10.3f} {row['x_limit']:8.2f}x {speedup}".rstrip()
+            f"{row['p90_ms']:10.3f} {row['x_limit']:8.2f}x {speedup:>9s} {row['GBps']:8.1f} {pct}".rstrip()
         )
     return "\n".join(lines)
 
@@ -110,6 +145,7 @@ def _parser() -> argparse.ArgumentParser:
     bench.add_argument("--repeats", type=int, help="timed updates per peer (default 30, quick 10)")
     bench.add_argument("--threads", type=int, help="torch intra-op threads (default: torch's)")
     bench.add_argument("--json", metavar="PATH", help="also write conditions and result rows here")
+    bench.add_argument("--device", choices=("cpu", "cuda"), default="cpu", help="where the model lives")
     return parser
 
 
@@ -127,20 +163,26 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.threads is not None:
         torch.set_num_threads(args.threads)
 
-    info = conditions(repeats)
+    if args.device == "cuda" and not torch.cuda.is_available():
+        parser.error("--device cuda: no CUDA device here")
+    info = conditions(repeats, args.device)
     print(
-        f"# wavg-fused bench: wavg_fused {info['wavg_fused']}, torch {info['torch']}, "
-        f"{info['threads']} threads, {info['cpus']} CPUs, {info['date']}, {repeats} repeats, CPU fp32 EMA"
+        f"# wavg-fused bench: wavg_fused {info['wavg_fused']}, torch {info['torch']}, {info['device']}, "
+        f"{info['threads']} threads, {info['cpus']} CPUs, {info['date']}, {repeats} repeats, fp32 EMA"
+        + (f", copy {info['copy_GBps']:.0f} GB/s" if "copy_GBps" in info else "")
     )
     columns = ("median ms", "p10 ms", "p90 ms")
-    print(f"{'model':10s} {'peer':20s} " + " ".join(f"{c:>10s}" for c in columns) + f" {'x limit':>9s} {'speedup':>9s}")
+    print(
+        f"{'model':10s} {'peer':20s} " + " ".join(f"{c:>10s}" for c in columns)
+        + f" {'x limit':>9s} {'speedup':>9s} {'GB/s':>8s}" + (" % copy" if args.device == "cuda" else "")
+    )
     rows = []
     for name in names:
-        model_rows = bench_model(name, repeats)
+        model_rows = bench_model(name, repeats, args.device, info.get("copy_GBps"))
         gc.collect()  # free this model's copies (if held in cycles) before the next one is built
         print(format_rows(model_rows), flush=True)
         rows += model_rows
-    print("# x limit: median / 'flat lerp_' median; speedup: best of 'blog loop' and 'AveragedModel' / this")
+    print("# x limit: median / 'flat lerp_' median; speedup: the best peer's median (not wavg_fused, not the limit) / this")
     if args.json:
         with open(args.json, "w") as f:
             json.dump({"conditions": info, "results": rows}, f, indent=2)

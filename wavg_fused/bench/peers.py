@@ -18,7 +18,8 @@ from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 import wavg_fused as wf
 
 __all__ = [
-    "DECAY", "WARMUP", "Peer", "BlogLoop", "TorchAveragedModel", "WavgFused", "FlatLerp", "make_peers", "warm_up",
+    "DECAY", "WARMUP", "Peer", "BlogLoop", "TorchAveragedModel", "TimmModelEmaV3", "EmaPytorch", "WavgFused",
+    "FlatLerp", "make_peers", "warm_up",
 ]
 
 DECAY = 0.999
@@ -66,6 +67,40 @@ class TorchAveragedModel:
         self.avg.update_parameters(model)
 
 
+class TimmModelEmaV3:
+    """timm's ``ModelEmaV3`` (foreach lerp), when timm is installed."""
+
+    name = "timm ModelEmaV3"
+
+    def setup(self, model: nn.Module) -> None:
+        from timm.utils import ModelEmaV3
+
+        self.avg = ModelEmaV3(model, decay=DECAY)
+
+    def step(self, model: nn.Module) -> None:
+        self.avg.update(model)
+
+
+class EmaPytorch:
+    """ema-pytorch's ``EMA`` with its foreach path, averaging every step, when installed."""
+
+    name = "ema-pytorch"
+
+    def setup(self, model: nn.Module) -> None:
+        from ema_pytorch import EMA
+
+        self.avg = EMA(model, beta=DECAY, update_after_step=0, update_every=1, use_foreach=True)
+
+    def step(self, model: nn.Module) -> None:
+        self.avg.update()  # it keeps a reference to the online model
+
+
+def _installed(module: str) -> bool:
+    import importlib.util
+
+    return importlib.util.find_spec(module) is not None
+
+
 class WavgFused:
     """``wavg_fused.Averager`` pinned to one backend."""
 
@@ -90,8 +125,9 @@ class FlatLerp:
 
     def setup(self, model: nn.Module) -> None:
         tensors = itertools.chain(model.parameters(), model.buffers())
-        numel = sum(t.numel() for t in tensors if t.is_floating_point())
-        self.model = torch.randn(numel)
+        floating = [t for t in tensors if t.is_floating_point()]
+        numel = sum(t.numel() for t in floating)
+        self.model = torch.randn(numel, device=floating[0].device if floating else "cpu")
         self.avg = self.model.clone()
 
     @torch.no_grad()
@@ -102,7 +138,8 @@ class FlatLerp:
 def make_peers(device: str = "cpu") -> list[Peer]:
     """All peers: the two baselines, one per available wavg_fused backend, then the limit."""
     wavg = [WavgFused(name) for name in wf.available_backends(device)]
-    return [BlogLoop(), TorchAveragedModel(), *wavg, FlatLerp()]
+    optional = [peer() for module, peer in (("timm", TimmModelEmaV3), ("ema_pytorch", EmaPytorch)) if _installed(module)]
+    return [BlogLoop(), TorchAveragedModel(), *optional, *wavg, FlatLerp()]
 
 
 def warm_up(peer: Peer, model: nn.Module, steps: int = WARMUP) -> None:
