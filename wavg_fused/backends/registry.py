@@ -26,7 +26,7 @@ ENV_VAR = "WAVG_FUSED_BACKEND"
 # Fastest first, per device type; "torch" runs everywhere.
 PREFERENCE: dict[str, tuple[str, ...]] = {
     "cuda": ("cuda", "triton", "torch"),
-    "cpu": ("cpu", "torch"),
+    "cpu": ("cpu", "torch", "triton"),  # triton: under TRITON_INTERPRET=1 only (tests)
 }
 DEFAULT_PREFERENCE = ("torch",)
 

@@ -1,0 +1,1 @@
+"""The Triton kernel of the ``triton`` backend (imported only when Triton is installed)."""

@@ -1,0 +1,174 @@
+"""One Triton launch updates a whole plan: program ``i`` takes row ``i`` of the block table
+(tensor index, start element) and ``BLOCK`` elements of that tensor, so every branch below is
+uniform per program. Same contract as the C++ kernels (``csrc/wavg_rule.h``): lerp-style update
+in fp32 (fp64 for fp64 shadows), ``n_averaged`` read on the device and bumped by the last program
+to finish, stochastic rounding of bf16 shadows with Philox keyed (seed; element // 4, update count),
+bit for bit what ``wavg_fused.rounding`` computes.
+"""
+
+from __future__ import annotations
+
+import triton
+import triton.language as tl
+
+# Columns of the plan's tensor table (wavg_fused.plan.COLUMNS) and kernel codes.
+_MODEL_PTR, _FLAT, _OFFSET, _NUMEL, _MODEL_DTYPE, _SHADOW_DTYPE, _ROLE, _FLAGS, _ITEMSIZE = range(9)
+
+
+@triton.jit
+def _step_weight(method, p0, n):
+    nf = n.to(tl.float64)
+    if method == 0:  # EMA
+        w = tl.where(n == 0, 1.0, 1.0 - p0)
+    elif method == 1:  # SWA
+        w = 1.0 / (nf + 1.0)
+    else:  # T-ADEMA: tanh(n) = 1 - 2 / (exp(2n) + 1), exact at n = 0 and saturating to 1
+        w = 1.0 - p0 * (1.0 - 2.0 / (tl.exp(2.0 * nf) + 1.0))
+    return w
+
+
+@triton.jit
+def _stochastic_bf16(value, element, n, seed):
+    group = element >> 2
+    r0, r1, r2, r3 = tl.philox(
+        seed,
+        (group & 0xFFFFFFFF).to(tl.uint32),
+        (group >> 32).to(tl.uint32),
+        (n & 0xFFFFFFFF).to(tl.uint32),
+        ((n >> 32) & 0xFFFFFFFF).to(tl.uint32),
+    )
+    lane = element & 3
+    random = tl.where(lane == 0, r0, tl.where(lane == 1, r1, tl.where(lane == 2, r2, r3)))
+    bits = value.to(tl.uint32, bitcast=True)
+    finite = (bits & 0x7F800000) != 0x7F800000
+    bits = tl.where(finite, bits + (random & 0xFFFF), bits)
+    return (bits >> 16).to(tl.uint16).to(tl.bfloat16, bitcast=True)
+
+
+@triton.jit
+def _nearest_bf16(value):
+    # Round to nearest even by hand: the Triton interpreter's float32 -> bfloat16 cast truncates.
+    bits = value.to(tl.float32).to(tl.uint32, bitcast=True)
+    rounded = (bits + 0x7FFF + ((bits >> 16) & 1)) >> 16
+    nan = (bits & 0x7FFFFFFF) > 0x7F800000
+    return tl.where(nan, 0x7FC0, rounded).to(tl.uint16).to(tl.bfloat16, bitcast=True)
+
+
+@triton.jit
+def _to_shadow(value, S: tl.constexpr):
+    if S == tl.bfloat16:
+        out = _nearest_bf16(value)
+    else:
+        out = value.to(S)
+    return out
+
+
+@triton.jit
+def _update_block(shadow_addr, model_addr, offs, mask, w, copy, n, seed, first,
+                  S: tl.constexpr, M: tl.constexpr, ALIGNED):
+    shadow_ptr = shadow_addr.to(tl.pointer_type(S))
+    model_ptr = model_addr.to(tl.pointer_type(M))
+    if ALIGNED:  # the host verified 16-byte alignment of both bases: allow vector accesses
+        shadow_ptr = tl.multiple_of(shadow_ptr, 16)
+        model_ptr = tl.multiple_of(model_ptr, 16)
+    if S == tl.float64:
+        op: tl.constexpr = tl.float64
+    else:
+        op: tl.constexpr = tl.float32
+    m = tl.load(model_ptr + offs, mask=mask).to(op)
+    if copy:
+        tl.store(shadow_ptr + offs, _to_shadow(m, S), mask=mask)
+    else:
+        s = tl.load(shadow_ptr + offs, mask=mask).to(op)
+        value = tl.where(w < 0.5, s + w.to(op) * (m - s), m - (m - s) * (1.0 - w).to(op))
+        if S == tl.bfloat16:
+            if seed >= 0:
+                tl.store(shadow_ptr + offs, _stochastic_bf16(value, first + offs, n, seed), mask=mask)
+            else:
+                tl.store(shadow_ptr + offs, _nearest_bf16(value), mask=mask)
+        else:
+            tl.store(shadow_ptr + offs, value.to(S), mask=mask)
+
+
+@triton.jit
+def _copy_words(shadow_addr, model_addr, offs, mask, W: tl.constexpr):
+    src = model_addr.to(tl.pointer_type(W))
+    dst = shadow_addr.to(tl.pointer_type(W))
+    tl.store(dst + offs, tl.load(src + offs, mask=mask), mask=mask)
+
+
+@triton.jit
+def _floating(shadow_addr, model_addr, offs, mask, w, copy, n, seed, first, mcode,
+              S: tl.constexpr, ALIGNED):
+    if mcode == 0:
+        _update_block(shadow_addr, model_addr, offs, mask, w, copy, n, seed, first, S, tl.float32, ALIGNED)
+    elif mcode == 1:
+        _update_block(shadow_addr, model_addr, offs, mask, w, copy, n, seed, first, S, tl.float64, ALIGNED)
+    elif mcode == 2:
+        _update_block(shadow_addr, model_addr, offs, mask, w, copy, n, seed, first, S, tl.float16, ALIGNED)
+    else:
+        _update_block(shadow_addr, model_addr, offs, mask, w, copy, n, seed, first, S, tl.bfloat16, ALIGNED)
+
+
+@triton.jit
+def _wavg_update_kernel(table_ptr, blocks_ptr, flat_bases_ptr, params_ptr, n_ptr, done_ptr, num_blocks,
+                        method, seed, bump, BLOCK: tl.constexpr, NCOL: tl.constexpr):
+    pid = tl.program_id(0).to(tl.int64)  # int64 before any offset arithmetic
+    t = tl.load(blocks_ptr + 2 * pid)
+    start = tl.multiple_of(tl.load(blocks_ptr + 2 * pid + 1), BLOCK)  # blocks start at multiples of BLOCK
+    p0 = tl.load(params_ptr)  # float64: a Python float argument would be rounded to float32
+    row = table_ptr + t * NCOL
+    model_addr = tl.load(row + _MODEL_PTR)
+    first = tl.load(row + _OFFSET)
+    numel = tl.load(row + _NUMEL)
+    mcode = tl.load(row + _MODEL_DTYPE)
+    scode = tl.load(row + _SHADOW_DTYPE)
+    copy = tl.load(row + _ROLE) == 0
+    aligned = (tl.load(row + _FLAGS) & 1) != 0
+    itemsize = tl.load(row + _ITEMSIZE)
+    shadow_addr = tl.load(flat_bases_ptr + tl.load(row + _FLAT)) + first * itemsize
+    n = tl.load(n_ptr)  # every program reads it before the last one bumps it
+    w = _step_weight(method, p0, n)
+    offs = start + tl.arange(0, BLOCK).to(tl.int64)
+    mask = offs < numel
+
+    if (mcode <= 3) & (scode <= 3):
+        if scode == 0:
+            _floating(shadow_addr, model_addr, offs, mask, w, copy, n, seed, first, mcode, tl.float32, aligned)
+        elif scode == 1:
+            _floating(shadow_addr, model_addr, offs, mask, w, copy, n, seed, first, mcode, tl.float64, aligned)
+        elif scode == 2:
+            _floating(shadow_addr, model_addr, offs, mask, w, copy, n, seed, first, mcode, tl.float16, aligned)
+        else:
+            _floating(shadow_addr, model_addr, offs, mask, w, copy, n, seed, first, mcode, tl.bfloat16, aligned)
+    elif itemsize == 8:
+        _copy_words(shadow_addr, model_addr, offs, mask, tl.int64)
+    elif itemsize == 4:
+        _copy_words(shadow_addr, model_addr, offs, mask, tl.int32)
+    elif itemsize == 2:
+        _copy_words(shadow_addr, model_addr, offs, mask, tl.int16)
+    elif itemsize == 1:
+        _copy_words(shadow_addr, model_addr, offs, mask, tl.int8)
+    else:  # 16-byte elements (complex128): two words each
+        _copy_words(shadow_addr, model_addr, offs * 2, mask, tl.int64)
+        _copy_words(shadow_addr, model_addr, offs * 2 + 1, mask, tl.int64)
+
+    if bump:
+        finished = tl.atomic_add(done_ptr, 1)  # acq_rel: this program's read of n came first
+        if finished == num_blocks - 1:
+            tl.store(n_ptr, n + 1)
+            tl.store(done_ptr, 0)  # ready for the next launch and for graph replays
+
+
+def launch(table, blocks, flat_bases, params, n_averaged, workspace, method: int, seed: int, bump: bool,
+           block: int, num_warps: int) -> None:
+    """Run ``_wavg_update_kernel`` once over the plan (``blocks`` built for ``block`` elements)."""
+    num_blocks = blocks.shape[0]
+    if num_blocks == 0:
+        if bump:
+            n_averaged.add_(1)
+        return
+    _wavg_update_kernel[(num_blocks,)](
+        table, blocks, flat_bases, params, n_averaged, workspace, num_blocks, method, seed, bump,
+        BLOCK=block, NCOL=table.shape[1], num_warps=num_warps,
+    )
