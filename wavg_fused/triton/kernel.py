@@ -12,7 +12,9 @@ import triton
 import triton.language as tl
 
 # Columns of the plan's tensor table (wavg_fused.plan.COLUMNS) and kernel codes.
-_MODEL_PTR, _FLAT, _OFFSET, _NUMEL, _MODEL_DTYPE, _SHADOW_DTYPE, _ROLE, _FLAGS, _ITEMSIZE = range(9)
+_MODEL_PTR, _FLAT, _OFFSET, _NUMEL, _MODEL_DTYPE, _SHADOW_DTYPE, _ROLE, _FLAGS, _ITEMSIZE = (
+    tl.constexpr(i) for i in range(9)
+)
 
 
 @triton.jit
@@ -64,13 +66,7 @@ def _to_shadow(value, S: tl.constexpr):
 
 
 @triton.jit
-def _update_block(shadow_addr, model_addr, offs, mask, w, copy, n, seed, first,
-                  S: tl.constexpr, M: tl.constexpr, ALIGNED):
-    shadow_ptr = shadow_addr.to(tl.pointer_type(S))
-    model_ptr = model_addr.to(tl.pointer_type(M))
-    if ALIGNED:  # the host verified 16-byte alignment of both bases: allow vector accesses
-        shadow_ptr = tl.multiple_of(shadow_ptr, 16)
-        model_ptr = tl.multiple_of(model_ptr, 16)
+def _update_elements(shadow_ptr, model_ptr, offs, mask, w, copy, n, seed, first, S: tl.constexpr):
     if S == tl.float64:
         op: tl.constexpr = tl.float64
     else:
@@ -91,6 +87,28 @@ def _update_block(shadow_addr, model_addr, offs, mask, w, copy, n, seed, first,
 
 
 @triton.jit
+def _update_block(shadow_addr, model_addr, offs, numel, full, w, copy, n, seed, first,
+                  S: tl.constexpr, M: tl.constexpr, ALIGNED):
+    shadow_ptr = shadow_addr.to(tl.pointer_type(S))
+    model_ptr = model_addr.to(tl.pointer_type(M))
+    # Four specialisations, so the compiler can use 16-byte accesses where they are safe: the host
+    # verified both bases are 16-byte aligned, and a full block needs no mask (a mask that may end
+    # anywhere forbids vector accesses).
+    if ALIGNED:
+        if full:
+            _update_elements(tl.multiple_of(shadow_ptr, 16), tl.multiple_of(model_ptr, 16), offs, None,
+                             w, copy, n, seed, first, S)
+        else:
+            _update_elements(tl.multiple_of(shadow_ptr, 16), tl.multiple_of(model_ptr, 16), offs, offs < numel,
+                             w, copy, n, seed, first, S)
+    else:
+        if full:
+            _update_elements(shadow_ptr, model_ptr, offs, None, w, copy, n, seed, first, S)
+        else:
+            _update_elements(shadow_ptr, model_ptr, offs, offs < numel, w, copy, n, seed, first, S)
+
+
+@triton.jit
 def _copy_words(shadow_addr, model_addr, offs, mask, W: tl.constexpr):
     src = model_addr.to(tl.pointer_type(W))
     dst = shadow_addr.to(tl.pointer_type(W))
@@ -98,16 +116,16 @@ def _copy_words(shadow_addr, model_addr, offs, mask, W: tl.constexpr):
 
 
 @triton.jit
-def _floating(shadow_addr, model_addr, offs, mask, w, copy, n, seed, first, mcode,
+def _floating(shadow_addr, model_addr, offs, numel, full, w, copy, n, seed, first, mcode,
               S: tl.constexpr, ALIGNED):
     if mcode == 0:
-        _update_block(shadow_addr, model_addr, offs, mask, w, copy, n, seed, first, S, tl.float32, ALIGNED)
+        _update_block(shadow_addr, model_addr, offs, numel, full, w, copy, n, seed, first, S, tl.float32, ALIGNED)
     elif mcode == 1:
-        _update_block(shadow_addr, model_addr, offs, mask, w, copy, n, seed, first, S, tl.float64, ALIGNED)
+        _update_block(shadow_addr, model_addr, offs, numel, full, w, copy, n, seed, first, S, tl.float64, ALIGNED)
     elif mcode == 2:
-        _update_block(shadow_addr, model_addr, offs, mask, w, copy, n, seed, first, S, tl.float16, ALIGNED)
+        _update_block(shadow_addr, model_addr, offs, numel, full, w, copy, n, seed, first, S, tl.float16, ALIGNED)
     else:
-        _update_block(shadow_addr, model_addr, offs, mask, w, copy, n, seed, first, S, tl.bfloat16, ALIGNED)
+        _update_block(shadow_addr, model_addr, offs, numel, full, w, copy, n, seed, first, S, tl.bfloat16, ALIGNED)
 
 
 @triton.jit
@@ -131,16 +149,17 @@ def _wavg_update_kernel(table_ptr, blocks_ptr, flat_bases_ptr, params_ptr, n_ptr
     w = _step_weight(method, p0, n)
     offs = start + tl.arange(0, BLOCK).to(tl.int64)
     mask = offs < numel
+    full = start + BLOCK <= numel
 
     if (mcode <= 3) & (scode <= 3):
         if scode == 0:
-            _floating(shadow_addr, model_addr, offs, mask, w, copy, n, seed, first, mcode, tl.float32, aligned)
+            _floating(shadow_addr, model_addr, offs, numel, full, w, copy, n, seed, first, mcode, tl.float32, aligned)
         elif scode == 1:
-            _floating(shadow_addr, model_addr, offs, mask, w, copy, n, seed, first, mcode, tl.float64, aligned)
+            _floating(shadow_addr, model_addr, offs, numel, full, w, copy, n, seed, first, mcode, tl.float64, aligned)
         elif scode == 2:
-            _floating(shadow_addr, model_addr, offs, mask, w, copy, n, seed, first, mcode, tl.float16, aligned)
+            _floating(shadow_addr, model_addr, offs, numel, full, w, copy, n, seed, first, mcode, tl.float16, aligned)
         else:
-            _floating(shadow_addr, model_addr, offs, mask, w, copy, n, seed, first, mcode, tl.bfloat16, aligned)
+            _floating(shadow_addr, model_addr, offs, numel, full, w, copy, n, seed, first, mcode, tl.bfloat16, aligned)
     elif itemsize == 8:
         _copy_words(shadow_addr, model_addr, offs, mask, tl.int64)
     elif itemsize == 4:
