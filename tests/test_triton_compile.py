@@ -36,3 +36,11 @@ def test_kernel_compiles_for_sm90_with_vector_loads():
         pytest.skip("this Triton build ships no ptxas")
     assert result.returncode == 0, result.stderr[-3000:]
     assert result.stdout.split() == ["vector-loads", "atomic"]  # 16-byte accesses; last program bumps n
+
+
+def test_gpu_block_follows_the_typical_tensor():
+    from wavg_fused.backends.triton_backend import _gpu_config
+
+    assert _gpu_config([1000] * 2000) == (1024, 4)
+    assert _gpu_config([3] + [10**6] * 5) == (4096, 8)
+    assert _gpu_config([]) == (1024, 4)

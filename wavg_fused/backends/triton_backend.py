@@ -14,11 +14,19 @@ from ..methods import Method
 from ..plan import Plan
 from ..triton import kernel  # ImportError without Triton: the registry reports it
 
-# NOTE: 4096 elements and 8 warps per program match the CUDA kernel's block (16 elements a
-# thread at 256 threads); not yet tuned on a GPU. The interpreter runs each program in Python,
-# so it gets large blocks (fewer programs) to keep the tests fast.
-_GPU_BLOCK, _GPU_WARPS = 4096, 8
+# NOTE: on a GPU the block follows the plan's typical (median) tensor size, between 1024 and 4096
+# elements, so a model of many 1k-element tensors does not mask off 3/4 of every program; 4096
+# with 8 warps matches the CUDA kernel (16 elements a thread). Not yet measured on a GPU: no
+# session with one has run it. The interpreter runs each program in Python, so it gets large
+# blocks (fewer programs) to keep the tests fast.
 _INTERPRETER_BLOCK = 2048
+
+
+def _gpu_config(numels: list[int]) -> tuple[int, int]:
+    sizes = sorted(n for n in numels if n)
+    typical = sizes[len(sizes) // 2] if sizes else 1
+    block = min(4096, max(1024, 1 << (typical - 1).bit_length()))
+    return block, max(4, block // 512)
 
 
 def _interpreting() -> bool:
@@ -36,15 +44,16 @@ class TritonBackend:
         return f"runs on CUDA tensors, not {device.type}"
 
     def update(self, plan: Plan, method: Method, n_averaged: torch.Tensor, bump: bool, rounding_seed: int = -1) -> None:
-        block = _INTERPRETER_BLOCK if plan.device.type == "cpu" else _GPU_BLOCK
         cached = plan.backend_cache.get(self.name)
-        if cached is None or cached[0] != method.params:
+        if cached is None or cached[0] != method.params:  # once per plan (and method)
             flat_bases = torch.tensor([f.data_ptr() for f in plan.flats] or [0], dtype=torch.int64)
             params = torch.tensor(method.params, dtype=torch.float64)
-            cached = plan.backend_cache[self.name] = (method.params, flat_bases.to(plan.device), params.to(plan.device))
-        _, flat_bases, params = cached
+            config = (_INTERPRETER_BLOCK, 4) if plan.device.type == "cpu" else _gpu_config(plan.numels)
+            cached = (method.params, flat_bases.to(plan.device), params.to(plan.device), *config)
+            plan.backend_cache[self.name] = cached
+        _, flat_bases, params, block, warps = cached
         plan.stage()
         kernel.launch(
             plan.tensor_table(), plan.block_table(block), flat_bases, params, n_averaged, plan.workspace,
-            method.code, rounding_seed, bump, block, _GPU_WARPS,
+            method.code, rounding_seed, bump, block, warps,
         )
