@@ -170,7 +170,11 @@ class Plan:
     def stage(self) -> None:
         """Copy the model tensors kernels cannot read in place into their staging buffers."""
         if self._staged:
-            torch._foreach_copy_([s for s, _ in self._staged], [m for _, m in self._staged], non_blocking=True)
+            # Into a GPU: stream-ordered, so non-blocking is safe. Into host memory the CPU kernel
+            # reads next, so the copy must have landed: blocking (a CPU average of a GPU model
+            # waits for the GPU by nature).
+            non_blocking = self.device.type != "cpu"
+            torch._foreach_copy_([s for s, _ in self._staged], [m for _, m in self._staged], non_blocking=non_blocking)
 
     def host_tensor_table(self) -> torch.Tensor:
         """``[num_tensors, len(COLUMNS)]`` int64 on the CPU."""
