@@ -206,7 +206,9 @@ class Averager(nn.Module):
                 backend.update(plan, self.method, counter, True, seed)
                 bumped = True
             else:
-                backend.update(plan, self.method, counter.to(plan.device, non_blocking=True), False, seed)
+                # a copy into host memory must land before the CPU kernel reads it: blocking there
+                copy = counter.to(plan.device, non_blocking=plan.device.type != "cpu")
+                backend.update(plan, self.method, copy, False, seed)
         if not bumped:
             counter.add_(1)
 
