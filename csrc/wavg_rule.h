@@ -52,7 +52,22 @@ C10_HOST_DEVICE inline T averaged(T s, T m, T w, T one_minus_w, bool from_shadow
   return from_shadow ? s + w * (m - s) : m - (m - s) * one_minus_w;
 }
 
-inline C10_HOST_DEVICE bool lerp_from_shadow(double w) { return w < 0.5; }
+// Everything one update's element kernels need besides the data, built the same way on CPU and GPU.
+struct Step {
+  double w;               // w_n
+  bool from_shadow;       // which end `averaged` starts from (torch.lerp's rule: w < 0.5)
+  int64_t rounding_seed;  // < 0: round to nearest; else stochastic rounding of bf16 shadows
+  int64_t n_averaged;     // n, before this update (keys the rounding bits)
+
+  C10_HOST_DEVICE static Step make(int64_t method, double p0, double p1, int64_t n, int64_t seed) {
+    const double w = step_weight(method, p0, p1, n);
+    return Step{w, w < 0.5, seed, n};
+  }
+  template <typename T>
+  C10_HOST_DEVICE T weight() const { return static_cast<T>(w); }
+  template <typename T>
+  C10_HOST_DEVICE T one_minus() const { return static_cast<T>(1.0 - w); }
+};
 
 // ---- stochastic rounding to bfloat16 -------------------------------------------------------
 // Counter-based random bits (Philox4x32-10, Salmon et al. 2011): a pure function of

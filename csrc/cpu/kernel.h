@@ -28,7 +28,7 @@ constexpr bool is_reduced_v = std::is_same_v<T, c10::BFloat16> || std::is_same_v
 
 // Scalar tail (and the general mixed-dtype path): one element at a time in opmath.
 template <typename S, typename M>
-void average_scalar(S* shadow, const M* model, int64_t begin, int64_t end, const Weights& k) {
+void average_scalar(S* shadow, const M* model, int64_t begin, int64_t end, const Step& k) {
   using Op = opmath_t<S>;
   const Op w = k.weight<Op>(), omw = k.one_minus<Op>();
   for (int64_t i = begin; i < end; ++i) {
@@ -38,7 +38,7 @@ void average_scalar(S* shadow, const M* model, int64_t begin, int64_t end, const
 }
 
 template <typename S, typename M>
-void average_range(S* shadow, const M* model, int64_t n, const Weights& k) {
+void average_range(S* shadow, const M* model, int64_t n, const Step& k) {
   int64_t i = 0;
   if constexpr (std::is_same_v<S, M> && (std::is_same_v<S, float> || std::is_same_v<S, double>)) {
     using V = Vectorized<S>;
@@ -75,7 +75,7 @@ void average_range(S* shadow, const M* model, int64_t n, const Weights& k) {
 // bf16 shadow with stochastic rounding; `first` is the element's index in its storage buffer,
 // which (with the seed and the update count) keys its random bits.
 template <typename M>
-void average_bf16_stochastic(c10::BFloat16* shadow, const M* model, int64_t first, int64_t n, const Weights& k) {
+void average_bf16_stochastic(c10::BFloat16* shadow, const M* model, int64_t first, int64_t n, const Step& k) {
   const float w = k.weight<float>(), omw = k.one_minus<float>();
   for (int64_t i = 0; i < n;) {
     const Random4 random = rounding_bits(k.rounding_seed, k.n_averaged, (first + i) >> 2);
@@ -109,7 +109,7 @@ void with_float_type(int64_t code, Fn&& fn) {
 }
 
 // Elements [begin, end) of one tensor (a row of the plan's table).
-void process(const int64_t* row, char* const* flat_bases, int64_t begin, int64_t end, const Weights& k) {
+void process(const int64_t* row, char* const* flat_bases, int64_t begin, int64_t end, const Step& k) {
   const int64_t model_code = row[kModelDtype], shadow_code = row[kShadowDtype];
   const auto* model_base = reinterpret_cast<const char*>(row[kModelPtr]);
   char* shadow_base = flat_bases[row[kFlat]] + row[kShadowOffset] * row[kItemsize];

@@ -4,18 +4,9 @@
 
 #include <cstdint>
 
-namespace wavg_fused::cpu {
+#include "../wavg_rule.h"
 
-struct Weights {
-  double w;
-  bool from_shadow;
-  int64_t rounding_seed;  // < 0: round to nearest; else stochastic rounding of bf16 shadows
-  int64_t n_averaged;
-  template <typename T>
-  T weight() const { return static_cast<T>(w); }
-  template <typename T>
-  T one_minus() const { return static_cast<T>(1.0 - w); }
-};
+namespace wavg_fused::cpu {
 
 // One update's view of the plan: tensor table rows, the first element of each tensor in the
 // whole plan (num_tensors + 1 entries), and the storage buffers' base addresses.
@@ -24,7 +15,7 @@ struct PlanView {
   const int64_t* first;
   int64_t num_tensors;
   char* const* flat_bases;
-  Weights weights;
+  Step weights;
 };
 
 // Update elements [begin, end) of the whole plan (they may span several tensors).

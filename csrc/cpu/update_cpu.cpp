@@ -71,8 +71,7 @@ void update_cpu(at::TensorList flats, const at::Tensor& table, const at::Tensor&
   TORCH_CHECK(n_averaged.device().is_cpu() && n_averaged.scalar_type() == at::kLong && n_averaged.numel() == 1,
               "wavg_fused.update_: n_averaged must be a one-element CPU int64 tensor");
   int64_t* counter = n_averaged.data_ptr<int64_t>();  // on the host: reading it costs no sync
-  const double w = step_weight(method, p0, p1, *counter);
-  const Weights k{w, lerp_from_shadow(w), rounding_seed, *counter};
+  const Step k = Step::make(method, p0, p1, *counter, rounding_seed);
 
   const int64_t num_tensors = table.size(0);
   const int64_t* rows = table.data_ptr<int64_t>();

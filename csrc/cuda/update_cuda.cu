@@ -31,19 +31,12 @@ struct FlatBases {
   char* ptr[kMaxFlats];
 };
 
-struct Step {
-  double w;
-  bool from_shadow;
-  int64_t rounding_seed;
-  int64_t n_averaged;
-};
-
 template <typename S, typename M>
 __device__ __forceinline__ S next_value(S s, M m, bool copy, const Step& k, int64_t element) {
   using Op = opmath_t<S>;
   if (copy) return static_cast<S>(static_cast<Op>(m));
-  const Op value = averaged<Op>(static_cast<Op>(s), static_cast<Op>(m), static_cast<Op>(k.w),
-                                static_cast<Op>(1.0 - k.w), k.from_shadow);
+  const Op value = averaged<Op>(static_cast<Op>(s), static_cast<Op>(m), k.weight<Op>(), k.one_minus<Op>(),
+                                k.from_shadow);
   if constexpr (std::is_same_v<S, c10::BFloat16>) {
     if (k.rounding_seed >= 0) {
       const Random4 random = rounding_bits(k.rounding_seed, k.n_averaged, element >> 2);
@@ -110,8 +103,7 @@ __global__ void __launch_bounds__(kThreads)
   const int64_t begin = blocks[2 * static_cast<int64_t>(blockIdx.x) + 1];
   const int64_t end = min(begin + kBlockElems, row[kNumel]);
   const int64_t n = *n_averaged;  // every block reads it before the last one bumps it
-  const double w = step_weight(method, p0, p1, n);
-  const Step k{w, lerp_from_shadow(w), rounding_seed, n};
+  const Step k = Step::make(method, p0, p1, n, rounding_seed);
   const bool aligned = (row[kFlags] & kFlagAligned) != 0;
   const bool copy = row[kRole] != kAverage;
   const int64_t model_code = row[kModelDtype], shadow_code = row[kShadowDtype];
