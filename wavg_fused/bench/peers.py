@@ -1,13 +1,16 @@
 """The implementations compared: each does one EMA update of an averaged copy per ``step``.
 
-Every peer has a ``name``, ``setup(model)`` (build its averaged copy) and ``step(model)`` (one
-update). ``make_peers`` lists them; ``warm_up`` runs the first, copying update and a few more so
-that timed steps see steady state (plans built, allocator caches filled).
+Every peer has a ``name``, ``setup(model, dtype)`` (build its averaged copy, in ``dtype`` or the
+model's dtypes when ``None``) and ``step(model)`` (one update). A peer that cannot keep an average
+in another dtype than the model's raises ``Unsupported`` from ``setup``. ``make_peers`` lists
+them; ``warm_up`` runs the first, copying update and a few more so that timed steps see steady
+state (plans built, allocator caches filled).
 """
 
 from __future__ import annotations
 
 import copy
+import os
 import itertools
 from typing import Protocol
 
@@ -17,8 +20,10 @@ from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 
 import wavg_fused as wf
 
+from .timing import model_bytes
+
 __all__ = [
-    "DECAY", "WARMUP", "Peer", "BlogLoop", "TorchAveragedModel", "TimmModelEmaV3", "EmaPytorch", "WavgFused",
+    "DECAY", "WARMUP", "Peer", "Unsupported", "BlogLoop", "TorchAveragedModel", "TimmModelEmaV3", "EmaPytorch", "WavgFused",
     "FlatLerp", "make_peers", "warm_up",
 ]
 
@@ -26,10 +31,14 @@ DECAY = 0.999
 WARMUP = 3
 
 
+class Unsupported(Exception):
+    """The peer has no way to run this case (e.g. an fp32 average of a bf16 model)."""
+
+
 class Peer(Protocol):
     name: str
 
-    def setup(self, model: nn.Module) -> None: ...
+    def setup(self, model: nn.Module, dtype: torch.dtype | None) -> None: ...
 
     def step(self, model: nn.Module) -> None: ...
 
@@ -39,8 +48,8 @@ class BlogLoop:
 
     name = "blog loop"
 
-    def setup(self, model: nn.Module) -> None:
-        self.avg = copy.deepcopy(model)
+    def setup(self, model: nn.Module, dtype: torch.dtype | None) -> None:
+        self.avg = copy.deepcopy(model) if dtype is None else copy.deepcopy(model).to(dtype)
         self.n_averaged = 0
 
     @torch.no_grad()
@@ -60,7 +69,9 @@ class TorchAveragedModel:
 
     name = "AveragedModel"
 
-    def setup(self, model: nn.Module) -> None:
+    def setup(self, model: nn.Module, dtype: torch.dtype | None) -> None:
+        if dtype is not None:  # its foreach lerp_ needs equal dtypes ("expected dtype float for `end`")
+            raise Unsupported("AveragedModel keeps the model's dtypes")
         self.avg = AveragedModel(model, multi_avg_fn=get_ema_multi_avg_fn(DECAY))
 
     def step(self, model: nn.Module) -> None:
@@ -72,10 +83,11 @@ class TimmModelEmaV3:
 
     name = "timm ModelEmaV3"
 
-    def setup(self, model: nn.Module) -> None:
+    def setup(self, model: nn.Module, dtype: torch.dtype | None) -> None:
         from timm.utils import ModelEmaV3
 
-        self.avg = ModelEmaV3(model, decay=DECAY)
+        # its stochastic rounding only touches bf16 averages; off, so it does what the others do
+        self.avg = ModelEmaV3(model, decay=DECAY, dtype=dtype, stochastic_rounding=False)
 
     def step(self, model: nn.Module) -> None:
         self.avg.update(model)
@@ -86,10 +98,11 @@ class EmaPytorch:
 
     name = "ema-pytorch"
 
-    def setup(self, model: nn.Module) -> None:
+    def setup(self, model: nn.Module, dtype: torch.dtype | None) -> None:
         from ema_pytorch import EMA
 
-        self.avg = EMA(model, beta=DECAY, update_after_step=0, update_every=1, use_foreach=True)
+        options = {} if dtype is None else {"ema_model": copy.deepcopy(model).to(dtype), "coerce_dtype": True}
+        self.avg = EMA(model, beta=DECAY, update_after_step=0, update_every=1, use_foreach=True, **options)
 
     def step(self, model: nn.Module) -> None:
         self.avg.update()  # it keeps a reference to the online model
@@ -108,26 +121,28 @@ class WavgFused:
         self.backend = backend
         self.name = f"wavg_fused[{backend}]"
 
-    def setup(self, model: nn.Module) -> None:
-        self.avg = wf.Averager(model, wf.EMA(DECAY), backend=self.backend)
+    def setup(self, model: nn.Module, dtype: torch.dtype | None) -> None:
+        self.avg = wf.Averager(model, wf.EMA(DECAY), dtype=dtype, backend=self.backend)
 
     def step(self, model: nn.Module) -> None:
         self.avg.update(model)
 
 
 class FlatLerp:
-    """The limit: one ``lerp_`` over a flat fp32 buffer as large as the model's floating tensors.
+    """The limit: one fp32 ``lerp_`` over a flat buffer, moving as many bytes as the update must.
 
-    Any averaging update must at least read both copies and write one, which is what this does.
+    Any averaging update must at least read the model and the average and write the average. For
+    an fp32 model that is one ``lerp_`` over flat buffers of the model's size; for mixed dtypes
+    (bf16 model, fp32 average: 10 bytes an element, not 12) the buffers are sized so the
+    ``lerp_`` moves the same bytes, since torch's mixed-dtype ops are no faster on a CPU.
     """
 
     name = "flat lerp_"
 
-    def setup(self, model: nn.Module) -> None:
-        tensors = itertools.chain(model.parameters(), model.buffers())
-        floating = [t for t in tensors if t.is_floating_point()]
-        numel = sum(t.numel() for t in floating)
-        self.model = torch.randn(numel, device=floating[0].device if floating else "cpu")
+    def setup(self, model: nn.Module, dtype: torch.dtype | None) -> None:
+        device = next(itertools.chain(model.parameters(), model.buffers())).device
+        numel = max(model_bytes(model, dtype) // 12, 1)  # fp32 lerp_: read 4 + 4, write 4 bytes
+        self.model = torch.empty(numel, device=device).uniform_(0.5, 1.5)
         self.avg = self.model.clone()
 
     @torch.no_grad()
@@ -137,13 +152,15 @@ class FlatLerp:
 
 def make_peers(device: str = "cpu") -> list[Peer]:
     """All peers: the two baselines, one per available wavg_fused backend, then the limit."""
-    wavg = [WavgFused(name) for name in wf.available_backends(device)]
+    # Triton's CPU interpreter (TRITON_INTERPRET=1, as the tests set) checks kernels; timing it is moot
+    interpreted = os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+    wavg = [WavgFused(name) for name in wf.available_backends(device) if not (name == "triton" and interpreted)]
     optional = [peer() for module, peer in (("timm", TimmModelEmaV3), ("ema_pytorch", EmaPytorch)) if _installed(module)]
     return [BlogLoop(), TorchAveragedModel(), *optional, *wavg, FlatLerp()]
 
 
-def warm_up(peer: Peer, model: nn.Module, steps: int = WARMUP) -> None:
+def warm_up(peer: Peer, model: nn.Module, dtype: torch.dtype | None = None, steps: int = WARMUP) -> None:
     """Set ``peer`` up for ``model`` and run ``steps`` untimed updates (the first one copies)."""
-    peer.setup(model)
+    peer.setup(model, dtype)
     for _ in range(steps):
         peer.step(model)
