@@ -168,6 +168,8 @@ def _parser() -> argparse.ArgumentParser:
     plot = commands.add_parser("plot", help="draw the figure of a results JSON")
     plot.add_argument("results", help="a JSON written by bench")
     plot.add_argument("-o", "--output", help="PNG path (default: the JSON's, .png)")
+    table = commands.add_parser("table", help="print a results JSON as the README's Markdown table")
+    table.add_argument("results", help="a JSON written by bench")
     return parser
 
 
@@ -235,6 +237,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of ``wavg-fused``; returns the exit status."""
     parser = _parser()
     args = parser.parse_args(argv)
+    if args.command == "table":
+        from .report import main_table
+
+        print(main_table(args.results))
+        return 0
     if args.command == "plot":
         _draw(args.results, args.output or str(Path(args.results).with_suffix(".png")))
         return 0
