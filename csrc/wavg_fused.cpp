@@ -7,12 +7,13 @@ TORCH_LIBRARY(wavg_fused, m) {
   // `n_averaged`, which is bumped when `bump`. Model tensors are read at the addresses in the
   // table: the caller keeps them alive and rebuilds the table when one moves (passing them as a
   // list would cost ~0.1-0.3 us per tensor in argument conversion alone).
+  // `params` are the method's hyperparameters (at most 4, wavg_rule.h MethodParams).
   // `blocks` is the per-block work list ([B, 2]: tensor index, start element); `workspace` is
   // a zeroed int32 scratch the CUDA kernel uses to find its last block. A non-negative
   // `rounding_seed` rounds bf16 shadows stochastically.
   m.def(
       "update_(Tensor(a!)[] flats, Tensor table, Tensor blocks, Tensor(b!) n_averaged, "
-      "Tensor(c!) workspace, int method, float p0, float p1, bool bump, int rounding_seed) -> ()");
+      "Tensor(c!) workspace, int method, float[] params, bool bump, int rounding_seed) -> ()");
 }
 
 // The op has no outputs and nothing to differentiate: skip autograd's boxed not-implemented

@@ -11,7 +11,13 @@
 
 namespace wavg_fused {
 
-enum Method : int64_t { kEMA = 0, kSWA = 1, kTADEMA = 2 };
+enum Method : int64_t { kEMA = 0, kSWA = 1, kTADEMA = 2, kEMAWarmup = 3, kPowerEMA = 4 };
+
+// A method's hyperparameters (Method.params), unused slots 0; passed to the CUDA kernel by value.
+constexpr int kMaxParams = 4;
+struct MethodParams {
+  double v[kMaxParams];
+};
 
 enum Dtype : int64_t {
   kFloat32 = 0, kFloat64 = 1, kFloat16 = 2, kBFloat16 = 3,
@@ -31,14 +37,23 @@ constexpr int kMaxFlats = 16;
 
 // w_n for n = updates averaged so far; w_0 = 1 for every method (the first update copies).
 // Double precision: the kernels round it once to their compute type.
-C10_HOST_DEVICE inline double step_weight(int64_t method, double p0, double /*p1*/, int64_t n) {
+C10_HOST_DEVICE inline double step_weight(int64_t method, const MethodParams& p, int64_t n) {
   switch (method) {
     case kEMA:
-      return n == 0 ? 1.0 : 1.0 - p0;
+      return n == 0 ? 1.0 : 1.0 - p.v[0];
     case kSWA:
       return 1.0 / (static_cast<double>(n) + 1.0);
     case kTADEMA:
-      return 1.0 - p0 * ::tanh(static_cast<double>(n));
+      return 1.0 - p.v[0] * ::tanh(static_cast<double>(n));
+    case kEMAWarmup: {  // v = (max decay, inv_gamma, power, min decay), as diffusers' EMAModel
+      if (n == 0) return 1.0;
+      const double decay = 1.0 - ::pow(1.0 + static_cast<double>(n) / p.v[1], -p.v[2]);
+      return 1.0 - ::fmin(::fmax(decay, p.v[3]), p.v[0]);
+    }
+    case kPowerEMA: {  // v[0] = gamma (Karras et al. 2024): w = 1 - (n / (n + 1))^(gamma + 1)
+      const double x = static_cast<double>(n);
+      return 1.0 - ::pow(x / (x + 1.0), p.v[0] + 1.0);
+    }
     default:
       return 1.0;
   }
@@ -59,8 +74,8 @@ struct Step {
   int64_t rounding_seed;  // < 0: round to nearest; else stochastic rounding of bf16 shadows
   int64_t n_averaged;     // n, before this update (keys the rounding bits)
 
-  C10_HOST_DEVICE static Step make(int64_t method, double p0, double p1, int64_t n, int64_t seed) {
-    const double w = step_weight(method, p0, p1, n);
+  C10_HOST_DEVICE static Step make(int64_t method, const MethodParams& params, int64_t n, int64_t seed) {
+    const double w = step_weight(method, params, n);
     return Step{w, w < 0.5, seed, n};
   }
   template <typename T>

@@ -1,7 +1,8 @@
 """An independent float64 re-derivation of the averaging rules, for tests only.
 
 Written from DESIGN.md's table, not from the package: w_0 = 1; EMA 1 - decay; SWA 1 / (n + 1);
-T-ADEMA 1 - alpha * tanh(n); integers and non-averaged tensors are copied.
+T-ADEMA 1 - alpha * tanh(n); the EMA warm-up of diffusers' EMAModel; EDM2's power EMA; integers
+and non-averaged tensors are copied.
 """
 
 from __future__ import annotations
@@ -22,6 +23,11 @@ def reference_weight(method: wf.Method, n: int) -> float:
         return 1.0 / (n + 1)
     if isinstance(method, wf.TADEMA):
         return 1.0 - method.alpha * math.tanh(n)
+    if isinstance(method, wf.EMAWarmup):  # diffusers: decay = 1 - (1 + step / inv_gamma) ** -power
+        decay = 1.0 - (1.0 + n / method.inv_gamma) ** -method.power
+        return 1.0 - min(max(decay, method.min_decay), method.decay)
+    if isinstance(method, wf.PowerEMA):  # EDM2: beta_t = (1 - 1 / t) ** (gamma + 1), t = n + 1
+        return 1.0 - (1.0 - 1.0 / (n + 1)) ** (method.gamma + 1)
     raise TypeError(method)
 
 

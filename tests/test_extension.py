@@ -33,7 +33,7 @@ def _op_args(method=wf.EMA(0.9), dtype=torch.float32, model_dtype=None):
         avg.n_averaged,
         plan.workspace,
         method.code,
-        *method.params,
+        list(method.params),
         True,
         -1,
     )

@@ -18,7 +18,7 @@ from .blog import (
     get_t_adema,
     get_t_adema_fn,
 )
-from .methods import EMA, SWA, TADEMA, Method
+from .methods import EMA, SWA, TADEMA, EMAWarmup, Method, PowerEMA, sigma_rel_to_gamma
 from .unwrap import de_parallel
 
 __version__ = "0.1.0"
@@ -29,6 +29,9 @@ __all__ = [
     "EMA",
     "SWA",
     "TADEMA",
+    "EMAWarmup",
+    "PowerEMA",
+    "sigma_rel_to_gamma",
     "available_backends",
     "backend_report",
     "de_parallel",

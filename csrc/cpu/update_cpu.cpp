@@ -8,6 +8,7 @@
 #include <string>
 #include <vector>
 
+#include "../method_params.h"
 #include "../wavg_rule.h"
 #include "kernel_api.h"
 
@@ -65,13 +66,13 @@ void check_plan(const at::TensorList flats, const at::Tensor& table) {
 // `blocks` and `workspace` serve the CUDA kernel; the CPU splits the element range itself,
 // which balances threads better when tensor sizes differ wildly.
 void update_cpu(at::TensorList flats, const at::Tensor& table, const at::Tensor& /*blocks*/,
-                const at::Tensor& n_averaged, const at::Tensor& /*workspace*/, int64_t method, double p0, double p1,
-                bool bump, int64_t rounding_seed) {
+                const at::Tensor& n_averaged, const at::Tensor& /*workspace*/, int64_t method,
+                at::ArrayRef<double> params, bool bump, int64_t rounding_seed) {
   check_plan(flats, table);
   TORCH_CHECK(n_averaged.device().is_cpu() && n_averaged.scalar_type() == at::kLong && n_averaged.numel() == 1,
               "wavg_fused.update_: n_averaged must be a one-element CPU int64 tensor");
   int64_t* counter = n_averaged.data_ptr<int64_t>();  // on the host: reading it costs no sync
-  const Step k = Step::make(method, p0, p1, *counter, rounding_seed);
+  const Step k = Step::make(method, method_params(params), *counter, rounding_seed);
 
   const int64_t num_tensors = table.size(0);
   const int64_t* rows = table.data_ptr<int64_t>();

@@ -10,6 +10,7 @@
 #include <c10/util/Half.h>
 #include <torch/library.h>
 
+#include "../method_params.h"
 #include "../wavg_rule.h"
 
 namespace wavg_fused {
@@ -97,13 +98,13 @@ __device__ void with_float_type(int64_t code, Fn&& fn) {
 __global__ void __launch_bounds__(kThreads)
     update_kernel(const int64_t* __restrict__ table, const int64_t* __restrict__ blocks,
                   const __grid_constant__ FlatBases flats,  // indexed in place, not copied to local memory
-                  int64_t* n_averaged, unsigned int* blocks_done, int64_t method, double p0, double p1, bool bump,
+                  int64_t* n_averaged, unsigned int* blocks_done, int64_t method, MethodParams params, bool bump,
                   int64_t rounding_seed) {
   const int64_t* row = table + blocks[2 * static_cast<int64_t>(blockIdx.x)] * kNumColumns;
   const int64_t begin = blocks[2 * static_cast<int64_t>(blockIdx.x) + 1];
   const int64_t end = min(begin + kBlockElems, row[kNumel]);
   const int64_t n = *n_averaged;  // every block reads it before the last one bumps it
-  const Step k = Step::make(method, p0, p1, n, rounding_seed);
+  const Step k = Step::make(method, params, n, rounding_seed);
   const bool aligned = (row[kFlags] & kFlagAligned) != 0;
   const bool copy = row[kRole] != kAverage;
   const int64_t model_code = row[kModelDtype], shadow_code = row[kShadowDtype];
@@ -137,8 +138,8 @@ __global__ void __launch_bounds__(kThreads)
 }
 
 void update_cuda(at::TensorList flats, const at::Tensor& table, const at::Tensor& blocks,
-                 const at::Tensor& n_averaged, const at::Tensor& workspace, int64_t method, double p0, double p1,
-                 bool bump, int64_t rounding_seed) {
+                 const at::Tensor& n_averaged, const at::Tensor& workspace, int64_t method,
+                 at::ArrayRef<double> params, bool bump, int64_t rounding_seed) {
   TORCH_CHECK(table.is_cuda() && table.scalar_type() == at::kLong && table.is_contiguous() && table.dim() == 2 &&
                   table.size(1) == kNumColumns,
               "wavg_fused.update_: table must be a contiguous CUDA int64 tensor [T, ", kNumColumns, "]");
@@ -172,7 +173,7 @@ void update_cuda(at::TensorList flats, const at::Tensor& table, const at::Tensor
   const auto stream = c10::cuda::getCurrentCUDAStream();
   update_kernel<<<static_cast<unsigned int>(num_blocks), kThreads, 0, stream>>>(
       table.data_ptr<int64_t>(), blocks.data_ptr<int64_t>(), flat_bases, n_averaged.data_ptr<int64_t>(), blocks_done,
-      method, p0, p1, bump, rounding_seed);
+      method, method_params(params), bump, rounding_seed);
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
 

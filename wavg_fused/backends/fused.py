@@ -34,7 +34,7 @@ class _FusedBackend:
             n_averaged,
             plan.workspace,
             method.code,
-            *method.params,
+            list(method.params),
             bump,
             rounding_seed,
         )

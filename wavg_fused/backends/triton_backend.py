@@ -47,7 +47,8 @@ class TritonBackend:
         cached = plan.backend_cache.get(self.name)
         if cached is None or cached[0] != method.params:  # once per plan (and method)
             flat_bases = torch.tensor([f.data_ptr() for f in plan.flats] or [0], dtype=torch.int64)
-            params = torch.tensor(method.params, dtype=torch.float64)
+            params = torch.zeros(4, dtype=torch.float64)  # MethodParams: 4 slots, unused ones 0
+            params[: len(method.params)] = torch.tensor(method.params, dtype=torch.float64)
             config = (_INTERPRETER_BLOCK, 4) if plan.device.type == "cpu" else _gpu_config(plan.numels)
             cached = (method.params, flat_bases.to(plan.device), params.to(plan.device), *config)
             plan.backend_cache[self.name] = cached

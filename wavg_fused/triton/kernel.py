@@ -18,14 +18,24 @@ _MODEL_PTR, _FLAT, _OFFSET, _NUMEL, _MODEL_DTYPE, _SHADOW_DTYPE, _ROLE, _FLAGS, 
 
 
 @triton.jit
-def _step_weight(method, p0, n):
+def _pow(x, y):  # x ** y for x > 0 in float64 (x = 0 is handled by the callers' n == 0 case)
+    return tl.exp(y * tl.log(x))
+
+
+@triton.jit
+def _step_weight(method, p0, p1, p2, p3, n):
     nf = n.to(tl.float64)
     if method == 0:  # EMA
         w = tl.where(n == 0, 1.0, 1.0 - p0)
     elif method == 1:  # SWA
         w = 1.0 / (nf + 1.0)
-    else:  # T-ADEMA: tanh(n) = 1 - 2 / (exp(2n) + 1), exact at n = 0 and saturating to 1
+    elif method == 2:  # T-ADEMA: tanh(n) = 1 - 2 / (exp(2n) + 1), exact at n = 0 and saturating to 1
         w = 1.0 - p0 * (1.0 - 2.0 / (tl.exp(2.0 * nf) + 1.0))
+    elif method == 3:  # EMA warm-up: p = (max decay, inv_gamma, power, min decay)
+        decay = 1.0 - _pow(1.0 + nf / p1, -p2)
+        w = tl.where(n == 0, 1.0, 1.0 - tl.minimum(tl.maximum(decay, p3), p0))
+    else:  # power EMA, p0 = gamma
+        w = tl.where(n == 0, 1.0, 1.0 - _pow(nf / (nf + 1.0), p0 + 1.0))
     return w
 
 
@@ -135,6 +145,9 @@ def _wavg_update_kernel(table_ptr, blocks_ptr, flat_bases_ptr, params_ptr, n_ptr
     t = tl.load(blocks_ptr + 2 * pid)
     start = tl.multiple_of(tl.load(blocks_ptr + 2 * pid + 1), BLOCK)  # blocks start at multiples of BLOCK
     p0 = tl.load(params_ptr)  # float64: a Python float argument would be rounded to float32
+    p1 = tl.load(params_ptr + 1)
+    p2 = tl.load(params_ptr + 2)
+    p3 = tl.load(params_ptr + 3)
     row = table_ptr + t * NCOL
     model_addr = tl.load(row + _MODEL_PTR)
     first = tl.load(row + _OFFSET)
@@ -146,7 +159,7 @@ def _wavg_update_kernel(table_ptr, blocks_ptr, flat_bases_ptr, params_ptr, n_ptr
     itemsize = tl.load(row + _ITEMSIZE)
     shadow_addr = tl.load(flat_bases_ptr + tl.load(row + _FLAT)) + first * itemsize
     n = tl.load(n_ptr)  # every program reads it before the last one bumps it
-    w = _step_weight(method, p0, n)
+    w = _step_weight(method, p0, p1, p2, p3, n)
     offs = start + tl.arange(0, BLOCK).to(tl.int64)
     mask = offs < numel
     full = start + BLOCK <= numel
