@@ -8,12 +8,15 @@ TORCH_LIBRARY(wavg_fused, m) {
   // table: the caller keeps them alive and rebuilds the table when one moves (passing them as a
   // list would cost ~0.1-0.3 us per tensor in argument conversion alone).
   // `params` are the method's hyperparameters (at most 4, wavg_rule.h MethodParams).
+  // `action` (wavg_rule.h Mode) 1 and 2 WRITE the model tensors at the table's addresses (copy the
+  // average into the model, or exchange the two): a write the schema cannot annotate, since the
+  // model tensors are not arguments. The caller owns that aliasing (Averager.copy_to / swap).
   // `blocks` is the per-block work list ([B, 2]: tensor index, start element); `workspace` is
   // a zeroed int32 scratch the CUDA kernel uses to find its last block. A non-negative
   // `rounding_seed` rounds bf16 shadows stochastically.
   m.def(
       "update_(Tensor(a!)[] flats, Tensor table, Tensor blocks, Tensor(b!) n_averaged, "
-      "Tensor(c!) workspace, int method, float[] params, bool bump, int rounding_seed) -> ()");
+      "Tensor(c!) workspace, int method, float[] params, bool bump, int rounding_seed, int action=0) -> ()");
 }
 
 // The op has no outputs and nothing to differentiate: skip autograd's boxed not-implemented

@@ -26,6 +26,14 @@ enum Dtype : int64_t {
 
 enum Role : int64_t { kCopy = 0, kAverage = 1 };
 
+// What one launch does with each (shadow, model) pair of the plan. kAverage... (the update) is the
+// only one that reads the method; the others write the *model* tensors, for swapping the average in.
+enum Mode : int64_t {
+  kModeAverage = 0,      // shadow <- averaged(shadow, model), or a copy of the model (role kCopy)
+  kModeCopyToModel = 1,  // model <- shadow, cast to the model's dtype
+  kModeSwap = 2,         // exchange shadow and model element by element (equal dtypes only)
+};
+
 enum Column : int64_t {
   kModelPtr = 0, kFlat, kShadowOffset, kNumel, kModelDtype, kShadowDtype, kRole, kFlags,
   kItemsize, kNumColumns,
@@ -34,6 +42,10 @@ enum Column : int64_t {
 constexpr int64_t kFlagAligned = 1;
 // Storage buffers per device (one per dtype); the CUDA kernel takes their addresses by value.
 constexpr int kMaxFlats = 16;
+
+// x^y for x > 0 as exp(y log x): inline on the GPU, where pow() is an out-of-line call whose
+// calling convention made the kernel spill registers; the same formula on every backend (Triton too).
+C10_HOST_DEVICE inline double positive_pow(double x, double y) { return ::exp(y * ::log(x)); }
 
 // w_n for n = updates averaged so far; w_0 = 1 for every method (the first update copies).
 // Double precision: the kernels round it once to their compute type.
@@ -47,12 +59,13 @@ C10_HOST_DEVICE inline double step_weight(int64_t method, const MethodParams& p,
       return 1.0 - p.v[0] * ::tanh(static_cast<double>(n));
     case kEMAWarmup: {  // v = (max decay, inv_gamma, power, min decay), as diffusers' EMAModel
       if (n == 0) return 1.0;
-      const double decay = 1.0 - ::pow(1.0 + static_cast<double>(n) / p.v[1], -p.v[2]);
+      const double decay = 1.0 - positive_pow(1.0 + static_cast<double>(n) / p.v[1], -p.v[2]);
       return 1.0 - ::fmin(::fmax(decay, p.v[3]), p.v[0]);
     }
     case kPowerEMA: {  // v[0] = gamma (Karras et al. 2024): w = 1 - (n / (n + 1))^(gamma + 1)
+      if (n == 0) return 1.0;
       const double x = static_cast<double>(n);
-      return 1.0 - ::pow(x / (x + 1.0), p.v[0] + 1.0);
+      return 1.0 - positive_pow(x / (x + 1.0), p.v[0] + 1.0);
     }
     default:
       return 1.0;

@@ -19,6 +19,7 @@ from wavg_fused.triton.kernel import _wavg_update_kernel
 signature = {
     "table_ptr": "*i64", "blocks_ptr": "*i64", "flat_bases_ptr": "*i64", "params_ptr": "*fp64",
     "n_ptr": "*i64", "done_ptr": "*i32", "num_blocks": "i32", "method": "i32", "seed": "i64", "bump": "i1",
+    "mode": "i32",
     "BLOCK": "constexpr", "NCOL": "constexpr",
 }
 source = ASTSource(fn=_wavg_update_kernel, signature=signature, constexprs={"BLOCK": 4096, "NCOL": len(COLUMNS)})

@@ -6,6 +6,7 @@
 >>> avg.update(model)
 """
 
+from . import optim
 from .averager import Averager
 from .backends import available_backends, backend_report
 from .blog import (
@@ -19,12 +20,16 @@ from .blog import (
     get_t_adema_fn,
 )
 from .methods import EMA, SWA, TADEMA, EMAWarmup, Method, PowerEMA, sigma_rel_to_gamma
+from .swa_utils import AveragedModel, get_ema_multi_avg_fn, get_swa_multi_avg_fn
 from .unwrap import de_parallel
 
 __version__ = "0.1.0"
 
 __all__ = [
     "Averager",
+    "AveragedModel",
+    "get_ema_multi_avg_fn",
+    "get_swa_multi_avg_fn",
     "Method",
     "EMA",
     "SWA",
@@ -43,4 +48,5 @@ __all__ = [
     "get_swa_avg_fn",
     "get_t_adema_fn",
     "get_t_adema",
+    "optim",
 ]

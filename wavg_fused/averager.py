@@ -2,17 +2,22 @@
 
 from __future__ import annotations
 
+import contextlib
 import copy
+import warnings
 import weakref
-from collections.abc import Callable, Mapping
+from collections import OrderedDict
+from collections.abc import Callable, Iterator, Mapping
 from typing import Any
 
 import torch
 from torch import nn
 
 from .backends.registry import select_backend
+from .method_state import UnknownMethodError, decode_method, encode_method
 from .methods import SWA, Method
 from .plan import ROLE_AVERAGE, ROLE_COPY, Plan, check_structure
+from . import swap as _swap
 from .storage import ShadowStorage, named_tensors, pack_module
 from .unfused import update_per_tensor
 from .unwrap import de_parallel
@@ -26,6 +31,11 @@ AvgFn = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
 # Per-update caches: they reference the live model's internals, so they are never pickled or
 # deep-copied; they are rebuilt on the next update.
 _TRANSIENT = ("_model_ref", "_model_slots", "_shadow_names", "_shadow_slots", "_plan_key", "_runs", "_watch")
+_EXTRA_STATE = "_extra_state"  # where nn.Module.state_dict puts get_extra_state()
+_NOT_WHILE_SWAPPED = (
+    "the averaged weights are swapped into the model: call swap(model) again (or leave the "
+    "swapped() block) first"
+)
 
 
 def _slots(module: nn.Module) -> tuple[list[str], list[tuple[dict, str]]]:
@@ -42,6 +52,26 @@ def _slots(module: nn.Module) -> tuple[list[str], list[tuple[dict, str]]]:
 
 def _read(slots: list[tuple[dict, str]]) -> list[torch.Tensor]:
     return [table[key] for table, key in slots]
+
+
+def _adopt(averaged_module: nn.Module, model: nn.Module) -> nn.Module:
+    """``averaged_module`` as the averaged copy of ``model``, checked before anything changes."""
+    if not isinstance(averaged_module, nn.Module):
+        raise TypeError(f"averaged_module must be an nn.Module, got {type(averaged_module).__name__}")
+    averaged_module = de_parallel(averaged_module)
+    shadow_pairs, model_pairs = named_tensors(averaged_module), named_tensors(model)
+    shadow_names, shadows = [n for n, _ in shadow_pairs], [t for _, t in shadow_pairs]
+    models = [t for _, t in model_pairs]
+    try:
+        check_structure(shadow_names, shadows, [n for n, _ in model_pairs], models)
+    except ValueError as error:
+        raise ValueError(f"averaged_module does not match the model: {error}") from None
+    # it becomes storage we write on every update: sharing memory with the model would corrupt it
+    model_memory = {m.data_ptr() for m in models if m.numel()}
+    shared = [n for n, s in zip(shadow_names, shadows) if s.numel() and s.data_ptr() in model_memory]
+    if averaged_module is model or shared:
+        raise ValueError(f"averaged_module must be a separate module; it shares {shared[:3] or 'everything'} with the model")
+    return averaged_module
 
 
 def _fingerprint(models: list[torch.Tensor], shadows: list[torch.Tensor]) -> tuple[int, ...]:
@@ -69,9 +99,16 @@ class Averager(nn.Module):
             instead of to nearest, so a bf16 EMA with decay near 1 keeps moving. The random bits
             are a function of ``rounding_seed``, the update count and the element, so results
             are reproducible and equal on every rank and backend.
+        averaged_module: use this module (same structure as ``model``) as the averaged copy
+            instead of ``copy.deepcopy(model)``, for models that cannot be deep-copied (the
+            deprecated ``torch.nn.utils.weight_norm``, modules whose ``__deepcopy__`` raises).
+            It is taken over, not copied: its tensors move into the averager's storage and
+            receive ``model``'s values at construction, so it starts equal to ``model``.
 
     The state dict has the keys ``torch.optim.swa_utils.AveragedModel`` writes
-    (``module.<name>`` and ``n_averaged``).
+    (``module.<name>`` and ``n_averaged``) plus ``_extra_state``, the method and its
+    hyperparameters (``load_state_dict`` restores them; see ``wavg_fused.method_state``).
+    ``wavg_fused.AveragedModel`` writes exactly torch's keys.
 
     >>> import torch, wavg_fused as wf
     >>> model = torch.nn.Linear(4, 2)
@@ -96,11 +133,13 @@ class Averager(nn.Module):
         backend: str = "auto",
         stochastic_rounding: bool = False,
         rounding_seed: int = 0,
+        averaged_module: nn.Module | None = None,
     ) -> None:
         super().__init__()
         if not isinstance(model, nn.Module):
             raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")
         method = SWA() if method is None else method
+        method = getattr(method, "wavg_method", method)  # avg_fns tagged with their fused rule
         if not isinstance(method, Method) and not callable(method):
             raise TypeError(f"method must be a wavg_fused Method or a callable avg_fn, got {method!r}")
         if dtype is not None and not (isinstance(dtype, torch.dtype) and dtype.is_floating_point):
@@ -114,8 +153,16 @@ class Averager(nn.Module):
         self.backend = backend
         self.stochastic_rounding = bool(stochastic_rounding)
         self.rounding_seed = rounding_seed
-        self.module = copy.deepcopy(de_parallel(model))
-        self._storage = pack_module(self.module, device=device, dtype=dtype)
+        model = de_parallel(model)
+        if averaged_module is None:
+            self.module = copy.deepcopy(model)
+            self._storage = pack_module(self.module, device=device, dtype=dtype)
+        else:
+            self.module = _adopt(averaged_module, model)
+            self._storage = pack_module(self.module, device=device, dtype=dtype)
+            with torch.no_grad():
+                for (_, shadow), (_, value) in zip(named_tensors(self.module), named_tensors(model)):
+                    shadow.copy_(value.detach())
         first = next(iter(self._storage.flats), None)
         counter_device = torch.device(device) if device is not None else (first[0] if first else torch.device("cpu"))
         self.register_buffer("n_averaged", torch.tensor(0, dtype=torch.long, device=counter_device))
@@ -134,8 +181,11 @@ class Averager(nn.Module):
     def _reset_caches(self) -> None:
         for name in _TRANSIENT:
             self.__dict__[name] = None
+        self.__dict__["_swap_state"] = None  # (model ref, backups or None) while swapped in
 
     def __getstate__(self) -> dict:
+        if self.__dict__.get("_swap_state") is not None:
+            raise RuntimeError(f"cannot pickle or copy an Averager while {_NOT_WHILE_SWAPPED}")
         state = self.__dict__.copy()
         for name in _TRANSIENT:
             state[name] = None
@@ -159,14 +209,48 @@ class Averager(nn.Module):
         return self._storage
 
     # ------------------------------------------------------------------ checkpoints
+    def state_dict(self, *args: Any, **kwargs: Any) -> dict[str, Any]:
+        """``module.<name>`` and ``n_averaged`` (the keys ``AveragedModel`` writes).
+
+        Refused while the averaged weights are swapped into a model: after an in-place exchange
+        the averager holds the *live* weights, and saving them as the average is the trap
+        Lightning users hit with checkpoints taken during validation.
+        """
+        if self.__dict__.get("_swap_state") is not None:
+            raise RuntimeError(f"Averager.state_dict: {_NOT_WHILE_SWAPPED}")
+        return super().state_dict(*args, **kwargs)
+
+    def get_extra_state(self) -> torch.Tensor:
+        """The method and its hyperparameters as JSON in a uint8 tensor (``wavg_fused.method_state``)."""
+        return encode_method(self.method)
+
+    def set_extra_state(self, state: Any) -> None:
+        """Restore the method saved by ``get_extra_state``; warn if it replaces a different one."""
+        try:
+            method = decode_method(state)
+        except UnknownMethodError as error:
+            warnings.warn(f"{type(self).__name__}.load_state_dict: keeping {self.method!r}: {error}", stacklevel=4)
+            return
+        if method is None or method == self.method:
+            return
+        warnings.warn(
+            f"{type(self).__name__}.load_state_dict: the checkpoint's method {method!r} replaces "
+            f"{self.method!r} (set .method after loading to keep another)",
+            stacklevel=4,
+        )
+        self.method = method
+
     def load_state_dict(self, state_dict: Mapping[str, Any], strict: bool = True, assign: bool = False):
         """Load an ``Averager`` or ``torch.optim.swa_utils.AveragedModel`` state dict.
 
         Everything is checked before anything is copied, so a failed load leaves the average
-        as it was.
+        as it was. The method saved in ``_extra_state`` replaces ``self.method`` (with a warning
+        when they differ); a state dict without that entry (``AveragedModel``'s, or one saved
+        before the entry existed) keeps ``self.method``, also with ``strict=True``.
         """
         own = self.state_dict(keep_vars=True)
-        missing = [k for k in own if k not in state_dict]
+        optional = {_EXTRA_STATE} & own.keys()
+        missing = [k for k in own if k not in state_dict and k not in optional]
         unexpected = [k for k in state_dict if k not in own]
         if strict and (missing or unexpected):
             raise RuntimeError(
@@ -174,11 +258,28 @@ class Averager(nn.Module):
                 f"missing keys {missing}, unexpected keys {unexpected}; nothing was loaded"
             )
         for key, value in state_dict.items():
-            if key in own and isinstance(value, torch.Tensor) and value.shape != own[key].shape:
+            if key in own and key not in optional and isinstance(value, torch.Tensor) and value.shape != own[key].shape:
                 raise RuntimeError(
                     f"Error loading state_dict for {type(self).__name__}: {key!r} has shape "
                     f"{tuple(value.shape)}, expected {tuple(own[key].shape)}; nothing was loaded"
                 )
+        for key in optional & state_dict.keys():
+            try:
+                decode_method(state_dict[key])
+            except UnknownMethodError:
+                pass  # set_extra_state warns and keeps the method; the weights still load
+            except ValueError as error:
+                raise RuntimeError(
+                    f"Error loading state_dict for {type(self).__name__}: {key!r} is not a method "
+                    f"entry ({error}); nothing was loaded"
+                ) from None
+        if optional - state_dict.keys():
+            # torch's strict load reports a missing extra state; ours back in is a no-op
+            metadata = getattr(state_dict, "_metadata", None)
+            state_dict = OrderedDict(state_dict)
+            state_dict[_EXTRA_STATE] = own[_EXTRA_STATE]
+            if metadata is not None:
+                state_dict._metadata = metadata
         result = super().load_state_dict(state_dict, strict=strict, assign=assign)
         if assign:
             self._repack()
@@ -194,10 +295,11 @@ class Averager(nn.Module):
         naming the first mismatching tensor, and the average is left untouched.
         """
         model = de_parallel(model)
-        if self._watch is None or self._model_ref() is not model or self._watch.moved():
-            self._refresh(model)
+        if self._swap_state is not None:
+            raise RuntimeError(f"Averager.update: {_NOT_WHILE_SWAPPED}")
+        self._ensure_plans(model)
         if not isinstance(self.method, Method):
-            update_per_tensor(self._runs, self.method, self.n_averaged)
+            self._update_unfused()
             return
         counter, bumped = self.n_averaged, False
         seed = self.rounding_seed if self.stochastic_rounding else -1
@@ -211,6 +313,110 @@ class Averager(nn.Module):
                 backend.update(plan, self.method, copy, False, seed)
         if not bumped:
             counter.add_(1)
+
+    def _update_unfused(self) -> None:
+        update_per_tensor(self._runs, self.method, self.n_averaged)
+
+    def _ensure_plans(self, model: nn.Module) -> None:
+        if self._watch is None or self._model_ref() is not model or self._watch.moved():
+            self._refresh(model)
+
+    # ------------------------------------------------------------------ swapping in and out
+    def _check_averaged(self, action: str) -> None:
+        # Reading the counter waits for the device: acceptable for an evaluation-time call, and
+        # it stops an uninitialised average from reaching the model (Lightning #21724).
+        if int(self.n_averaged) == 0:
+            raise RuntimeError(f"Averager.{action}: the average was never updated (n_averaged == 0); call update(model) first")
+
+    @torch.no_grad()
+    def copy_to(self, model: nn.Module) -> None:
+        """Write the averaged values into ``model``'s matching tensors (cast to their dtypes).
+
+        One launch per device on the fused backends. The model keeps them: use ``swapped`` to
+        evaluate the average and get the trained weights back.
+
+        >>> import torch, wavg_fused as wf
+        >>> model = torch.nn.Linear(3, 1)
+        >>> avg = wf.Averager(model, wf.EMA(0.5)); avg.update(model)
+        >>> with torch.no_grad(): _ = model.weight.add_(1.0)
+        >>> avg.copy_to(model); torch.equal(model.weight, avg.module.weight)
+        True
+        """
+        model = de_parallel(model)
+        if self._swap_state is not None:
+            raise RuntimeError(f"Averager.copy_to: {_NOT_WHILE_SWAPPED}")
+        self._check_averaged("copy_to")
+        self._ensure_plans(model)
+        _swap.copy_into_model(self._runs)
+
+    @property
+    def is_swapped(self) -> bool:
+        """Whether the averaged weights are swapped into a model now."""
+        return self._swap_state is not None
+
+    @torch.no_grad()
+    def swap(self, model: nn.Module) -> None:
+        """Put the averaged weights into ``model``, or, if they are in already, take them out and
+        restore ``model``'s own weights exactly. One launch per device each way (fused backends).
+
+        With equal dtypes the two are exchanged in place (no extra memory); for an average kept
+        in another dtype (``dtype=torch.float32`` of a bf16 model) the model's weights are saved
+        in a backup buffer while the average is in. While swapped in, ``update``,
+        ``state_dict`` and pickling raise, and after an exchange ``self.module`` holds the
+        model's weights: evaluate ``model``, not the averager.
+
+        >>> import torch, wavg_fused as wf
+        >>> model = torch.nn.Linear(3, 1)
+        >>> avg = wf.Averager(model, wf.SWA()); avg.update(model)
+        >>> trained = model.weight.detach().clone()
+        >>> with torch.no_grad(): _ = model.weight.mul_(3.0)
+        >>> avg.swap(model); torch.equal(model.weight, trained)
+        True
+        >>> avg.swap(model); torch.equal(model.weight, 3 * trained)
+        True
+        """
+        model = de_parallel(model)
+        if self._swap_state is not None:
+            swapped_into, backups = self._swap_state
+            if swapped_into() is not model:
+                raise RuntimeError("Averager.swap: the averaged weights are swapped into another model; swap that one back")
+            if backups is None:
+                _swap.exchange(self._runs)
+            else:
+                _swap.restore_model(backups)
+            self._swap_state = None
+            return
+        self._check_averaged("swap")
+        self._ensure_plans(model)
+        if _swap.can_exchange(self._runs):
+            _swap.exchange(self._runs)
+            backups = None
+        else:
+            backups = _swap.save_model(self._runs)
+            _swap.copy_into_model(self._runs)
+        self._swap_state = (weakref.ref(model), backups)
+
+    @contextlib.contextmanager
+    def swapped(self, model: nn.Module) -> Iterator[nn.Module]:
+        """Evaluate with the averaged weights: inside the block ``model`` holds them; afterwards
+        (also after an exception) it holds its own weights again, bit for bit.
+
+        >>> import torch, wavg_fused as wf
+        >>> model = torch.nn.Linear(3, 1)
+        >>> avg = wf.Averager(model, wf.EMA(0.9)); avg.update(model)
+        >>> with torch.no_grad(): _ = model.weight.add_(1.0)
+        >>> trained, average = model.weight.detach().clone(), avg.module.weight.detach().clone()
+        >>> with avg.swapped(model):
+        ...     torch.equal(model.weight, average)
+        True
+        >>> torch.equal(model.weight, trained)
+        True
+        """
+        self.swap(model)
+        try:
+            yield model
+        finally:
+            self.swap(model)
 
     def _refresh(self, model: nn.Module) -> None:
         """The slow path, taken when the model object or a tensor address changed: check the
@@ -236,9 +442,13 @@ class Averager(nn.Module):
         names, slots = _slots(model)
         tensors = _read(slots)
         shadows = self._shadow_tensors()
-        check_structure(self._shadow_names, shadows, names, tensors)
+        self._check_pairing(names, tensors, shadows)
         self._model_ref, self._model_slots, self._plan_key = weakref.ref(model), slots, None
         return tensors
+
+    def _check_pairing(self, names: list[str], models: list[torch.Tensor], shadows: list[torch.Tensor]) -> None:
+        """Raise ``ValueError`` unless the model's tensors pair with the shadows by name."""
+        check_structure(self._shadow_names, shadows, names, models)
 
     def _build_plans(self, models: list[torch.Tensor], shadows: list[torch.Tensor], key: tuple) -> None:
         check_structure(self._shadow_names, shadows, self._shadow_names, models)

@@ -26,6 +26,7 @@ def update_(
     params: Sequence[float],
     bump: bool,
     rounding_seed: int = -1,
+    action: int = 0,
 ) -> None:
     """Update every tensor of a plan in one fused pass (see ``wavg_fused.plan`` for the tables).
 
@@ -40,12 +41,12 @@ def update_(
     True
     """
     torch.ops.wavg_fused.update_.default(
-        list(flats), table, blocks, n_averaged, workspace, method, list(params), bump, rounding_seed
+        list(flats), table, blocks, n_averaged, workspace, method, list(params), bump, rounding_seed, action
     )
 
 
 @torch.library.register_fake("wavg_fused::update_")
-def _update_fake(flats, table, blocks, n_averaged, workspace, method, params, bump, rounding_seed) -> None:
+def _update_fake(flats, table, blocks, n_averaged, workspace, method, params, bump, rounding_seed, action=0) -> None:
     # The op writes in place and returns nothing; under torch.compile only the shapes of the
     # tables and the counter can be checked, the addresses inside them cannot.
     torch._check(table.dim() == 2 and table.shape[1] == len(COLUMNS), lambda: "table must be [T, len(COLUMNS)]")

@@ -34,6 +34,10 @@ __all__ = [
 
 ROLE_COPY = 0
 ROLE_AVERAGE = 1
+# What a launch does (csrc/wavg_rule.h Mode): the update, or a transfer that writes the model
+MODE_AVERAGE = 0
+MODE_COPY_TO_MODEL = 1
+MODE_SWAP = 2
 
 # Kernel-facing dtype codes; the C++ header and the Triton kernel use the same numbers.
 DTYPE_CODES: dict[torch.dtype, int] = {
@@ -150,6 +154,8 @@ class Plan:
         self.flats = list(flats)  # the storage buffers the shadows live in (what kernels write)
         self.device = self.shadows[0].device if self.shadows else torch.device("cpu")
         self.workspace = torch.zeros(1, dtype=torch.int32, device=self.device)  # kernels' scratch, kept zeroed
+        # the op's n_averaged argument for transfers (copy_to, swap), which neither read nor bump it
+        self.spare_count = torch.zeros((), dtype=torch.long, device=self.device)
         self.numels = [s.numel() for s in self.shadows]
         self.backend_cache: dict[str, object] = {}
         self._staged: list[tuple[torch.Tensor, torch.Tensor]] = []  # (staging buffer, model tensor)
@@ -175,6 +181,11 @@ class Plan:
             # waits for the GPU by nature).
             non_blocking = self.device.type != "cpu"
             torch._foreach_copy_([s for s, _ in self._staged], [m for _, m in self._staged], non_blocking=non_blocking)
+
+    def unstage(self) -> None:
+        """After a transfer wrote the staging buffers, copy them back into their model tensors."""
+        if self._staged:
+            torch._foreach_copy_([m for _, m in self._staged], [s for s, _ in self._staged])
 
     def host_tensor_table(self) -> torch.Tensor:
         """``[num_tensors, len(COLUMNS)]`` int64 on the CPU."""

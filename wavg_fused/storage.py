@@ -28,7 +28,8 @@ def dense_strides(tensor: torch.Tensor) -> tuple[int, ...]:
     return torch.empty_like(tensor, device="meta").stride()
 
 
-def _aligned(offset_elems: int, itemsize: int) -> int:
+def aligned_offset(offset_elems: int, itemsize: int) -> int:
+    """``offset_elems`` rounded up to the next ALIGN_BYTES boundary for elements of ``itemsize``."""
     step = max(1, ALIGN_BYTES // itemsize)
     return -(-offset_elems // step) * step
 
@@ -87,7 +88,7 @@ def pack_module(
         target_device = torch.device(device) if device is not None else tensor.device
         group = (target_device, target_dtype)
         itemsize = torch.empty((), dtype=target_dtype, device="meta").element_size()
-        offset = _aligned(group_sizes.get(group, 0), itemsize)
+        offset = aligned_offset(group_sizes.get(group, 0), itemsize)
         group_sizes[group] = offset + tensor.numel()
         layout.append((key_id, group, offset))
         tensor_bytes += tensor.numel() * itemsize
@@ -95,7 +96,7 @@ def pack_module(
     flats = {}
     for group, size in group_sizes.items():
         itemsize = torch.empty((), dtype=group[1], device="meta").element_size()
-        flats[group] = torch.zeros(_aligned(size, itemsize), dtype=group[1], device=group[0])
+        flats[group] = torch.zeros(aligned_offset(size, itemsize), dtype=group[1], device=group[0])
     # keyed by the allocated device, so "cuda" and "cuda:0" name the same buffer
     storage = ShadowStorage({(f.device, f.dtype): f for f in flats.values()}, tensor_bytes)
 

@@ -108,11 +108,46 @@ void with_float_type(int64_t code, Fn&& fn) {
   }
 }
 
+void swap_bytes(char* a, char* b, int64_t n) {
+  int64_t i = 0;
+  for (; i + 8 <= n; i += 8) {  // memcpy through registers: no aliasing or alignment assumptions
+    uint64_t x, y;
+    std::memcpy(&x, a + i, 8);
+    std::memcpy(&y, b + i, 8);
+    std::memcpy(a + i, &y, 8);
+    std::memcpy(b + i, &x, 8);
+  }
+  for (; i < n; ++i) std::swap(a[i], b[i]);
+}
+
+// Modes that write the model (kModeCopyToModel, kModeSwap) for elements [begin, end) of one row.
+void transfer(const int64_t* row, char* shadow_base, char* model_base, int64_t begin, int64_t end, int64_t mode) {
+  const int64_t model_code = row[kModelDtype], shadow_code = row[kShadowDtype];
+  if (model_code == shadow_code || mode == kModeSwap) {  // swap: the host checked the dtypes are equal
+    const int64_t size = row[kItemsize];
+    if (mode == kModeSwap) return swap_bytes(shadow_base + begin * size, model_base + begin * size, (end - begin) * size);
+    std::memcpy(model_base + begin * size, shadow_base + begin * size, (end - begin) * size);
+    return;
+  }
+  with_float_type(shadow_code, [&](auto shadow_tag) {
+    using S = decltype(shadow_tag);
+    with_float_type(model_code, [&](auto model_tag) {
+      using M = decltype(model_tag);
+      const S* shadow = reinterpret_cast<const S*>(shadow_base);
+      M* model = reinterpret_cast<M*>(model_base);
+      for (int64_t i = begin; i < end; ++i) model[i] = static_cast<M>(static_cast<opmath_t<S>>(shadow[i]));
+    });
+  });
+}
+
 // Elements [begin, end) of one tensor (a row of the plan's table).
-void process(const int64_t* row, char* const* flat_bases, int64_t begin, int64_t end, const Step& k) {
+void process(const int64_t* row, char* const* flat_bases, int64_t begin, int64_t end, const Step& k, int64_t mode) {
   const int64_t model_code = row[kModelDtype], shadow_code = row[kShadowDtype];
   const auto* model_base = reinterpret_cast<const char*>(row[kModelPtr]);
   char* shadow_base = flat_bases[row[kFlat]] + row[kShadowOffset] * row[kItemsize];
+  if (mode != kModeAverage) {  // these modes write the model: its address is writable memory
+    return transfer(row, shadow_base, const_cast<char*>(model_base), begin, end, mode);
+  }
   const bool floating = model_code <= kBFloat16 && shadow_code <= kBFloat16;
   if (!floating) {  // integers, bools and unknown types: always a byte copy of equal dtypes
     const int64_t size = row[kItemsize];
@@ -146,7 +181,7 @@ void process_elements(const PlanView& plan, int64_t begin, int64_t end) {
   for (; t < plan.num_tensors && plan.first[t] < end; ++t) {
     const int64_t lo = std::max(begin, plan.first[t]) - plan.first[t];
     const int64_t hi = std::min(end, plan.first[t + 1]) - plan.first[t];
-    if (hi > lo) process(plan.rows + t * kNumColumns, plan.flat_bases, lo, hi, plan.weights);
+    if (hi > lo) process(plan.rows + t * kNumColumns, plan.flat_bases, lo, hi, plan.weights, plan.mode);
   }
 }
 

@@ -16,6 +16,7 @@ struct PlanView {
   int64_t num_tensors;
   char* const* flat_bases;
   Step weights;
+  int64_t mode;  // wavg_rule.h Mode
 };
 
 // Update elements [begin, end) of the whole plan (they may span several tensors).

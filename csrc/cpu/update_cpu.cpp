@@ -67,7 +67,9 @@ void check_plan(const at::TensorList flats, const at::Tensor& table) {
 // which balances threads better when tensor sizes differ wildly.
 void update_cpu(at::TensorList flats, const at::Tensor& table, const at::Tensor& /*blocks*/,
                 const at::Tensor& n_averaged, const at::Tensor& /*workspace*/, int64_t method,
-                at::ArrayRef<double> params, bool bump, int64_t rounding_seed) {
+                at::ArrayRef<double> params, bool bump, int64_t rounding_seed, int64_t mode) {
+  TORCH_CHECK(mode >= kModeAverage && mode <= kModeSwap, "wavg_fused.update_: unknown mode ", mode);
+  TORCH_CHECK(mode == kModeAverage || !bump, "wavg_fused.update_: only mode 0 (average) bumps n_averaged");
   check_plan(flats, table);
   TORCH_CHECK(n_averaged.device().is_cpu() && n_averaged.scalar_type() == at::kLong && n_averaged.numel() == 1,
               "wavg_fused.update_: n_averaged must be a one-element CPU int64 tensor");
@@ -83,7 +85,13 @@ void update_cpu(at::TensorList flats, const at::Tensor& table, const at::Tensor&
   for (const at::Tensor& flat : flats) flat_bases.push_back(static_cast<char*>(flat.data_ptr()));
 
   static const ProcessFn process_elements = widest_kernel();
-  const PlanView plan{rows, first.data(), num_tensors, flat_bases.data(), k};
+  if (mode == kModeSwap) {
+    for (int64_t t = 0; t < num_tensors; ++t) {
+      TORCH_CHECK(rows[t * kNumColumns + kModelDtype] == rows[t * kNumColumns + kShadowDtype],
+                  "wavg_fused.update_: swap needs equal model and shadow dtypes (tensor ", t, ")");
+    }
+  }
+  const PlanView plan{rows, first.data(), num_tensors, flat_bases.data(), k, mode};
   at::parallel_for(0, first.back(), kGrainElems,
                    [&](int64_t begin, int64_t end) { process_elements(plan, begin, end); });
   if (bump) *counter += 1;

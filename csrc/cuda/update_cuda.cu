@@ -84,6 +84,33 @@ __device__ void copy_bytes(char* shadow, const char* model, int64_t begin, int64
   for (int64_t i = tail + threadIdx.x; i < end; i += blockDim.x) shadow[i] = model[i];
 }
 
+// kModeSwap: exchange bytes [begin, end) of two tensors of one dtype, 16 bytes at a time where aligned.
+__device__ void swap_bytes(char* a, char* b, int64_t begin, int64_t end, bool aligned) {
+  int64_t tail = begin;
+  if (aligned && begin % 16 == 0) {
+    const int64_t vectors = (end - begin) / 16;
+    for (int64_t v = threadIdx.x; v < vectors; v += blockDim.x) {
+      const uint4 x = reinterpret_cast<const uint4*>(a + begin)[v];
+      reinterpret_cast<uint4*>(a + begin)[v] = reinterpret_cast<const uint4*>(b + begin)[v];
+      reinterpret_cast<uint4*>(b + begin)[v] = x;
+    }
+    tail = begin + vectors * 16;
+  }
+  for (int64_t i = tail + threadIdx.x; i < end; i += blockDim.x) {
+    const char x = a[i];
+    a[i] = b[i];
+    b[i] = x;
+  }
+}
+
+// kModeCopyToModel across dtypes (an fp32 average into a bf16 model): one element per thread.
+template <typename S, typename M>
+__device__ void cast_range(M* model, const S* shadow, int64_t begin, int64_t end) {
+  for (int64_t i = begin + threadIdx.x; i < end; i += blockDim.x) {
+    model[i] = static_cast<M>(static_cast<opmath_t<S>>(shadow[i]));
+  }
+}
+
 template <typename Fn>
 __device__ void with_float_type(int64_t code, Fn&& fn) {
   switch (code) {
@@ -137,9 +164,39 @@ __global__ void __launch_bounds__(kThreads)
   }
 }
 
+// Modes that write the model (copy_to, swap), kept out of update_kernel: in one kernel the extra
+// branches pushed the sm_80 build into register spills. Same block table, one launch.
+__global__ void __launch_bounds__(kThreads)
+    transfer_kernel(const int64_t* __restrict__ table, const int64_t* __restrict__ blocks,
+                    const __grid_constant__ FlatBases flats, int64_t mode) {
+  const int64_t* row = table + blocks[2 * static_cast<int64_t>(blockIdx.x)] * kNumColumns;
+  const int64_t begin = blocks[2 * static_cast<int64_t>(blockIdx.x) + 1];
+  const int64_t end = min(begin + kBlockElems, row[kNumel]);
+  const bool aligned = (row[kFlags] & kFlagAligned) != 0;
+  const int64_t model_code = row[kModelDtype], shadow_code = row[kShadowDtype];
+  char* shadow_base = flats.ptr[row[kFlat]] + row[kShadowOffset] * row[kItemsize];
+  char* model_base = reinterpret_cast<char*>(row[kModelPtr]);
+  const int64_t size = row[kItemsize];
+  if (mode == kModeSwap) {  // the host checked the dtypes are equal
+    swap_bytes(shadow_base, model_base, begin * size, end * size, aligned);
+  } else if (model_code == shadow_code) {
+    copy_bytes(model_base, shadow_base, begin * size, end * size, aligned);
+  } else {
+    with_float_type(shadow_code, [&](auto shadow_tag) {
+      using S = decltype(shadow_tag);
+      with_float_type(model_code, [&](auto model_tag) {
+        using M = decltype(model_tag);
+        cast_range(reinterpret_cast<M*>(model_base), reinterpret_cast<const S*>(shadow_base), begin, end);
+      });
+    });
+  }
+}
+
 void update_cuda(at::TensorList flats, const at::Tensor& table, const at::Tensor& blocks,
                  const at::Tensor& n_averaged, const at::Tensor& workspace, int64_t method,
-                 at::ArrayRef<double> params, bool bump, int64_t rounding_seed) {
+                 at::ArrayRef<double> params, bool bump, int64_t rounding_seed, int64_t mode) {
+  TORCH_CHECK(mode >= kModeAverage && mode <= kModeSwap, "wavg_fused.update_: unknown mode ", mode);
+  TORCH_CHECK(mode == kModeAverage || !bump, "wavg_fused.update_: only mode 0 (average) bumps n_averaged");
   TORCH_CHECK(table.is_cuda() && table.scalar_type() == at::kLong && table.is_contiguous() && table.dim() == 2 &&
                   table.size(1) == kNumColumns,
               "wavg_fused.update_: table must be a contiguous CUDA int64 tensor [T, ", kNumColumns, "]");
@@ -171,6 +228,12 @@ void update_cuda(at::TensorList flats, const at::Tensor& table, const at::Tensor
   // workspace[0] counts finished blocks; it is zero between launches (the last block resets it).
   auto* blocks_done = reinterpret_cast<unsigned int*>(workspace.data_ptr<int32_t>());
   const auto stream = c10::cuda::getCurrentCUDAStream();
+  if (mode != kModeAverage) {
+    transfer_kernel<<<static_cast<unsigned int>(num_blocks), kThreads, 0, stream>>>(
+        table.data_ptr<int64_t>(), blocks.data_ptr<int64_t>(), flat_bases, mode);
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+    return;
+  }
   update_kernel<<<static_cast<unsigned int>(num_blocks), kThreads, 0, stream>>>(
       table.data_ptr<int64_t>(), blocks.data_ptr<int64_t>(), flat_bases, n_averaged.data_ptr<int64_t>(), blocks_done,
       method, method_params(params), bump, rounding_seed);

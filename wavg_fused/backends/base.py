@@ -28,3 +28,8 @@ class Backend(Protocol):
     def update(
         self, plan: Plan, method: Method, n_averaged: torch.Tensor, bump: bool, rounding_seed: int = -1
     ) -> None: ...
+
+    def transfer(self, plan: Plan, mode: int) -> None:
+        """Write the model tensors of ``plan`` (as staged, see ``Plan.unstage``): ``MODE_COPY_TO_MODEL``
+        casts the shadow into the model, ``MODE_SWAP`` exchanges the two (equal dtypes only)."""
+        ...

@@ -40,6 +40,12 @@ class _FusedBackend:
         )
 
 
+    def transfer(self, plan: Plan, mode: int) -> None:
+        table = plan.tensor_table()
+        ops.update_(plan.flats, table, plan.block_table(self.block_elems), plan.spare_count, plan.workspace,
+                    0, [], False, -1, mode)
+
+
 class CpuBackend(_FusedBackend):
     name = "cpu"
     device_type = "cpu"

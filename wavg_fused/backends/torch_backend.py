@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 import torch
 
 from ..methods import Method
-from ..plan import ROLE_AVERAGE, Plan
+from ..plan import MODE_COPY_TO_MODEL, ROLE_AVERAGE, Plan
 from ..rounding import stochastic_round_bf16
 
 
@@ -95,3 +95,13 @@ class TorchBackend:
             torch._foreach_copy_(group.shadows, shadows)
         if bump:
             n_averaged.add_(1)
+
+    def transfer(self, plan: Plan, mode: int) -> None:
+        pairs = [(s, m) for s, m in zip(plan.shadows, plan.readable_models) if s.numel()]
+        if mode == MODE_COPY_TO_MODEL:
+            torch._foreach_copy_([m for _, m in pairs], [s for s, _ in pairs])
+            return
+        # swap, equal dtypes: through one temporary per tensor (the fused backends need none)
+        saved = [m.clone() for _, m in pairs]
+        torch._foreach_copy_([m for _, m in pairs], [s for s, _ in pairs])
+        torch._foreach_copy_([s for s, _ in pairs], saved)

@@ -58,3 +58,13 @@ class TritonBackend:
             plan.tensor_table(), plan.block_table(block), flat_bases, params, n_averaged, plan.workspace,
             method.code, rounding_seed, bump, block, warps,
         )
+
+    def transfer(self, plan: Plan, mode: int) -> None:
+        block = _INTERPRETER_BLOCK if plan.device.type == "cpu" else _gpu_config(plan.numels)[0]
+        warps = 4 if plan.device.type == "cpu" else max(4, block // 512)
+        flat_bases = torch.tensor([f.data_ptr() for f in plan.flats] or [0], dtype=torch.int64).to(plan.device)
+        params = torch.zeros(4, dtype=torch.float64, device=plan.device)
+        kernel.launch(
+            plan.tensor_table(), plan.block_table(block), flat_bases, params, plan.spare_count, plan.workspace,
+            0, -1, False, block, warps, mode,
+        )

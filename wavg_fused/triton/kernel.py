@@ -119,10 +119,69 @@ def _update_block(shadow_addr, model_addr, offs, numel, full, w, copy, n, seed, 
 
 
 @triton.jit
-def _copy_words(shadow_addr, model_addr, offs, mask, W: tl.constexpr):
-    src = model_addr.to(tl.pointer_type(W))
-    dst = shadow_addr.to(tl.pointer_type(W))
-    tl.store(dst + offs, tl.load(src + offs, mask=mask), mask=mask)
+def _move(dst_addr, src_addr, offs, mask, W: tl.constexpr, SWAP: tl.constexpr):
+    dst = dst_addr.to(tl.pointer_type(W))
+    src = src_addr.to(tl.pointer_type(W))
+    value = tl.load(src + offs, mask=mask)
+    if SWAP:
+        tl.store(src + offs, tl.load(dst + offs, mask=mask), mask=mask)
+    tl.store(dst + offs, value, mask=mask)
+
+
+@triton.jit
+def _move_words(dst_addr, src_addr, offs, mask, itemsize, SWAP: tl.constexpr):
+    # Copy (or exchange) elements as machine words of their size: any dtype, no conversion.
+    if itemsize == 8:
+        _move(dst_addr, src_addr, offs, mask, tl.int64, SWAP)
+    elif itemsize == 4:
+        _move(dst_addr, src_addr, offs, mask, tl.int32, SWAP)
+    elif itemsize == 2:
+        _move(dst_addr, src_addr, offs, mask, tl.int16, SWAP)
+    elif itemsize == 1:
+        _move(dst_addr, src_addr, offs, mask, tl.int8, SWAP)
+    else:  # 16-byte elements (complex128): two words each
+        _move(dst_addr, src_addr, offs * 2, mask, tl.int64, SWAP)
+        _move(dst_addr, src_addr, offs * 2 + 1, mask, tl.int64, SWAP)
+
+
+@triton.jit
+def _cast_to_model(shadow_addr, model_addr, offs, mask, S: tl.constexpr, M: tl.constexpr):
+    if S == tl.float64:
+        op: tl.constexpr = tl.float64
+    else:
+        op: tl.constexpr = tl.float32
+    value = tl.load(shadow_addr.to(tl.pointer_type(S)) + offs, mask=mask).to(op)
+    tl.store(model_addr.to(tl.pointer_type(M)) + offs, _to_shadow(value, M), mask=mask)
+
+
+@triton.jit
+def _cast_from(shadow_addr, model_addr, offs, mask, scode, M: tl.constexpr):
+    if scode == 0:
+        _cast_to_model(shadow_addr, model_addr, offs, mask, tl.float32, M)
+    elif scode == 1:
+        _cast_to_model(shadow_addr, model_addr, offs, mask, tl.float64, M)
+    elif scode == 2:
+        _cast_to_model(shadow_addr, model_addr, offs, mask, tl.float16, M)
+    else:
+        _cast_to_model(shadow_addr, model_addr, offs, mask, tl.bfloat16, M)
+
+
+@triton.jit
+def _transfer(shadow_addr, model_addr, offs, mask, mode, mcode, scode, itemsize):
+    # mode 1: model <- shadow (cast when the dtypes differ); mode 2: exchange (equal dtypes)
+    if (mode == 1) & (mcode != scode):
+        if mcode == 0:
+            _cast_from(shadow_addr, model_addr, offs, mask, scode, tl.float32)
+        elif mcode == 1:
+            _cast_from(shadow_addr, model_addr, offs, mask, scode, tl.float64)
+        elif mcode == 2:
+            _cast_from(shadow_addr, model_addr, offs, mask, scode, tl.float16)
+        else:
+            _cast_from(shadow_addr, model_addr, offs, mask, scode, tl.bfloat16)
+    elif mode == 1:
+        _move_words(model_addr, shadow_addr, offs, mask, itemsize, False)
+    else:
+        _move_words(shadow_addr, model_addr, offs, mask, itemsize, True)
 
 
 @triton.jit
@@ -140,7 +199,7 @@ def _floating(shadow_addr, model_addr, offs, numel, full, w, copy, n, seed, firs
 
 @triton.jit
 def _wavg_update_kernel(table_ptr, blocks_ptr, flat_bases_ptr, params_ptr, n_ptr, done_ptr, num_blocks,
-                        method, seed, bump, BLOCK: tl.constexpr, NCOL: tl.constexpr):
+                        method, seed, bump, mode, BLOCK: tl.constexpr, NCOL: tl.constexpr):
     pid = tl.program_id(0).to(tl.int64)  # int64 before any offset arithmetic
     t = tl.load(blocks_ptr + 2 * pid)
     start = tl.multiple_of(tl.load(blocks_ptr + 2 * pid + 1), BLOCK)  # blocks start at multiples of BLOCK
@@ -164,7 +223,9 @@ def _wavg_update_kernel(table_ptr, blocks_ptr, flat_bases_ptr, params_ptr, n_ptr
     mask = offs < numel
     full = start + BLOCK <= numel
 
-    if (mcode <= 3) & (scode <= 3):
+    if mode != 0:  # transfers write the model and never bump (the host passes bump = False)
+        _transfer(shadow_addr, model_addr, offs, mask, mode, mcode, scode, itemsize)
+    elif (mcode <= 3) & (scode <= 3):
         if scode == 0:
             _floating(shadow_addr, model_addr, offs, numel, full, w, copy, n, seed, first, mcode, tl.float32, aligned)
         elif scode == 1:
@@ -173,17 +234,8 @@ def _wavg_update_kernel(table_ptr, blocks_ptr, flat_bases_ptr, params_ptr, n_ptr
             _floating(shadow_addr, model_addr, offs, numel, full, w, copy, n, seed, first, mcode, tl.float16, aligned)
         else:
             _floating(shadow_addr, model_addr, offs, numel, full, w, copy, n, seed, first, mcode, tl.bfloat16, aligned)
-    elif itemsize == 8:
-        _copy_words(shadow_addr, model_addr, offs, mask, tl.int64)
-    elif itemsize == 4:
-        _copy_words(shadow_addr, model_addr, offs, mask, tl.int32)
-    elif itemsize == 2:
-        _copy_words(shadow_addr, model_addr, offs, mask, tl.int16)
-    elif itemsize == 1:
-        _copy_words(shadow_addr, model_addr, offs, mask, tl.int8)
-    else:  # 16-byte elements (complex128): two words each
-        _copy_words(shadow_addr, model_addr, offs * 2, mask, tl.int64)
-        _copy_words(shadow_addr, model_addr, offs * 2 + 1, mask, tl.int64)
+    else:  # integers, bools and other types: copied as words
+        _move_words(shadow_addr, model_addr, offs, mask, itemsize, False)
 
     if bump:
         finished = tl.atomic_add(done_ptr, 1)  # acq_rel: this program's read of n came first
@@ -193,7 +245,7 @@ def _wavg_update_kernel(table_ptr, blocks_ptr, flat_bases_ptr, params_ptr, n_ptr
 
 
 def launch(table, blocks, flat_bases, params, n_averaged, workspace, method: int, seed: int, bump: bool,
-           block: int, num_warps: int) -> None:
+           block: int, num_warps: int, mode: int = 0) -> None:
     """Run ``_wavg_update_kernel`` once over the plan (``blocks`` built for ``block`` elements)."""
     num_blocks = blocks.shape[0]
     if num_blocks == 0:
@@ -201,6 +253,6 @@ def launch(table, blocks, flat_bases, params, n_averaged, workspace, method: int
             n_averaged.add_(1)
         return
     _wavg_update_kernel[(num_blocks,)](
-        table, blocks, flat_bases, params, n_averaged, workspace, num_blocks, method, seed, bump,
+        table, blocks, flat_bases, params, n_averaged, workspace, num_blocks, method, seed, bump, mode,
         BLOCK=block, NCOL=table.shape[1], num_warps=num_warps,
     )
