@@ -21,11 +21,18 @@ def _run(averager, model, states):
         averager.update_parameters(model) if hasattr(averager, "update_parameters") else averager.update(model)
 
 
-def _assert_equal_states(a, b, skip=("_extra_state",)):
+EXACT_BACKENDS = {"cpu", "torch"}  # see test_swa_utils.py: the Triton interpreter is within a few ulps
+
+
+def _assert_equal_states(a, b, skip=("_extra_state",), backend="cpu"):
     assert [k for k in a if k not in skip] == [k for k in b if k not in skip]
     for name in b:
-        if name not in skip:
+        if name in skip:
+            continue
+        if backend in EXACT_BACKENDS or not b[name].is_floating_point():
             assert torch.equal(a[name], b[name]), f"{name} differs"
+        else:
+            torch.testing.assert_close(a[name], b[name], rtol=5e-7, atol=1e-8, msg=name)
 
 
 def _saved_size(obj) -> int:
@@ -59,7 +66,7 @@ def test_torch_checkpoint_loads_into_ours_strictly(backend, ours_kind):
     _assert_equal_states(ours.state_dict(), theirs.state_dict())
     _run(ours, model, states[5:8])
     _run(theirs, model, states[5:8])
-    _assert_equal_states(ours.state_dict(), theirs.state_dict())  # the fused EMA is torch's lerp, bit for bit
+    _assert_equal_states(ours.state_dict(), theirs.state_dict(), backend=backend)  # the fused EMA is torch's lerp
 
 
 def test_our_checkpoint_loads_into_torch_strictly(backend):
@@ -74,7 +81,7 @@ def test_our_checkpoint_loads_into_torch_strictly(backend):
     _assert_equal_states(theirs.state_dict(), ours.state_dict(), skip=())
     _run(ours, model, states[5:8])
     _run(theirs, model, states[5:8])
-    _assert_equal_states(ours.state_dict(), theirs.state_dict(), skip=())
+    _assert_equal_states(ours.state_dict(), theirs.state_dict(), skip=(), backend=backend)
 
 
 def test_averager_state_dict_adds_only_the_method_entry():
@@ -276,8 +283,7 @@ def test_averaged_module_for_a_model_deepcopy_cannot_copy(backend):
         assert torch.equal(avg.module.get_parameter(name), value), name
     reference = {}
     _perturb_and_update(avg, model, 4, reference)
-    for name, value in reference.items():
-        assert torch.equal(avg.module.get_parameter(name), value), name
+    _assert_equal_states({k: avg.module.get_parameter(k) for k in reference}, reference, skip=(), backend=backend)
     x = torch.randn(3, 6)
     v = reference["0.weight_v"]
     hidden = nn.functional.linear(x, reference["0.weight_g"] * v / v.norm(dim=1, keepdim=True), reference["0.bias"])

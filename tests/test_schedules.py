@@ -99,3 +99,65 @@ def test_call_schedule():
         Schedule(update_every=0)
     with pytest.raises(ValueError, match="update_after"):
         Schedule(update_after=-1)
+
+
+def _linear_run(steps):
+    torch.manual_seed(0)
+    model = torch.nn.Linear(5, 3)
+    states = []
+    for _ in range(steps):
+        with torch.no_grad():
+            for p in model.parameters():
+                p.add_(torch.randn_like(p))
+        states.append({k: v.clone() for k, v in model.state_dict().items()})
+    return model, states
+
+
+def test_update_after_tracks_then_update_every_skips(backend):
+    model, states = _linear_run(9)
+    avg = wf.Averager(model, wf.EMA(0.5), update_after=3, update_every=2, backend=backend)
+    expected = None
+    for call, state in enumerate(states, start=1):
+        model.load_state_dict(state)
+        avg.update(model)
+        current = model.weight.detach().double()
+        if call <= 3:  # tracking: the average is the model, nothing counted yet
+            assert torch.equal(avg.module.weight, model.weight) and int(avg.n_averaged) == 0
+        elif (call - 3) % 2 == 0:  # calls 5, 7, 9 average; the first of them copies (w_0 = 1)
+            expected = current if expected is None else expected + 0.5 * (current - expected)
+        if expected is not None:
+            torch.testing.assert_close(avg.module.weight.double(), expected, rtol=1e-6, atol=1e-6)
+    assert int(avg.n_averaged) == 3
+
+
+def test_excluded_tensors_are_copied_not_averaged(backend):
+    model, states = _linear_run(4)
+    avg = wf.Averager(model, wf.EMA(0.5), exclude=["bias"], backend=backend)
+    for state in states:
+        model.load_state_dict(state)
+        avg.update(model)
+    assert torch.equal(avg.module.bias, model.bias)  # copied: always the latest
+    assert not torch.equal(avg.module.weight, model.weight)  # averaged
+    nested = torch.nn.Sequential(torch.nn.Linear(2, 2), torch.nn.Linear(2, 2))
+    avg = wf.Averager(nested, wf.EMA(0.5), exclude=["1"])  # a module prefix excludes its tensors
+    avg.update(nested)
+    assert [role for role in avg._roles_by_name().values()] == [1, 1, 0, 0]
+    with pytest.raises(ValueError, match="'head'"):
+        wf.Averager(nested, wf.EMA(0.5), exclude=["head"])
+    with pytest.raises(TypeError, match="exclude"):
+        wf.Averager(nested, wf.EMA(0.5), exclude="1")
+
+
+def test_write_back_every_puts_the_average_into_the_model(backend):
+    model, states = _linear_run(4)
+    avg = wf.Averager(model, wf.EMA(0.5), write_back_every=2, backend=backend)
+    for call, state in enumerate(states, start=1):
+        model.load_state_dict(state)
+        live = model.weight.detach().clone()
+        avg.update(model)
+        if call % 2 == 0:
+            assert torch.equal(model.weight, avg.module.weight)
+        else:
+            assert torch.equal(model.weight, live)
+    with pytest.raises(ValueError, match="write_back_every"):
+        wf.Averager(model, wf.EMA(0.5), write_back_every=0)

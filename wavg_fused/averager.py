@@ -7,7 +7,7 @@ import copy
 import warnings
 import weakref
 from collections import OrderedDict
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from typing import Any
 
 import torch
@@ -18,6 +18,7 @@ from .method_state import UnknownMethodError, decode_method, encode_method
 from .methods import SWA, Method
 from .plan import ROLE_AVERAGE, ROLE_COPY, Plan, check_structure
 from . import swap as _swap
+from .schedule import Action, Schedule
 from .storage import ShadowStorage, named_tensors, pack_module
 from .unfused import update_per_tensor
 from .unwrap import de_parallel
@@ -48,6 +49,11 @@ def _slots(module: nn.Module) -> tuple[list[str], list[tuple[dict, str]]]:
         names.append(name)
         slots.append((table, attribute))
     return names, slots
+
+
+def _excluded(name: str, exclude: tuple[str, ...]) -> bool:
+    """Whether ``name`` is an ``exclude`` entry or lies under one (a module prefix)."""
+    return any(name == entry or name.startswith(entry + ".") for entry in exclude)
 
 
 def _read(slots: list[tuple[dict, str]]) -> list[torch.Tensor]:
@@ -134,6 +140,10 @@ class Averager(nn.Module):
         stochastic_rounding: bool = False,
         rounding_seed: int = 0,
         averaged_module: nn.Module | None = None,
+        exclude: Iterable[str] = (),
+        update_after: int = 0,
+        update_every: int = 1,
+        write_back_every: int | None = None,
     ) -> None:
         super().__init__()
         if not isinstance(model, nn.Module):
@@ -153,6 +163,16 @@ class Averager(nn.Module):
         self.backend = backend
         self.stochastic_rounding = bool(stochastic_rounding)
         self.rounding_seed = rounding_seed
+        self.schedule = Schedule(update_after, update_every)
+        if write_back_every is not None and (
+            isinstance(write_back_every, bool) or not isinstance(write_back_every, int) or write_back_every < 1
+        ):
+            raise ValueError(f"write_back_every must be None or an int >= 1, got {write_back_every!r}")
+        self.write_back_every = write_back_every
+        if isinstance(exclude, str):
+            raise TypeError(f"exclude must be a collection of names or prefixes, got the string {exclude!r}")
+        self.exclude = tuple(exclude)
+        self._calls = 0  # update() calls so far: the schedule's clock, kept on the host
         model = de_parallel(model)
         if averaged_module is None:
             self.module = copy.deepcopy(model)
@@ -165,6 +185,10 @@ class Averager(nn.Module):
                     shadow.copy_(value.detach())
         first = next(iter(self._storage.flats), None)
         counter_device = torch.device(device) if device is not None else (first[0] if first else torch.device("cpu"))
+        names = [name for name, _ in named_tensors(self.module)]
+        for entry in self.exclude:
+            if not any(_excluded(name, (entry,)) for name in names):
+                raise ValueError(f"exclude: {entry!r} names no parameter or buffer of the model (nor a module prefix)")
         self.register_buffer("n_averaged", torch.tensor(0, dtype=torch.long, device=counter_device))
         self._reset_caches()
         for flat_device, _ in self._storage.flats:  # an explicit backend that cannot run fails now
@@ -297,10 +321,32 @@ class Averager(nn.Module):
         model = de_parallel(model)
         if self._swap_state is not None:
             raise RuntimeError(f"Averager.update: {_NOT_WHILE_SWAPPED}")
-        self._ensure_plans(model)
-        if not isinstance(self.method, Method):
-            self._update_unfused()
+        action = self.schedule.action(self._calls + 1)
+        if action is Action.SKIP:
+            self._calls += 1
             return
+        self._ensure_plans(model)
+        if action is Action.TRACK:
+            self._track()
+        elif not isinstance(self.method, Method):
+            self._update_unfused()
+        else:
+            self._average()
+        self._calls += 1
+        if action is Action.AVERAGE and self.write_back_every:
+            if self.schedule.averaging_calls(self._calls) % self.write_back_every == 0:
+                _swap.copy_into_model(self._runs)
+
+    def _track(self) -> None:
+        # Before averaging starts the average follows the model: w_0 = 1 (a copy) read from a
+        # counter that stays 0, so n_averaged does not move
+        for plan, backend in self._runs:
+            if isinstance(self.method, Method):
+                backend.update(plan, self.method, plan.spare_count, False)
+            else:
+                update_per_tensor([(plan, backend)], self.method, torch.zeros((), dtype=torch.long))
+
+    def _average(self) -> None:
         counter, bumped = self.n_averaged, False
         seed = self.rounding_seed if self.stochastic_rounding else -1
         for plan, backend in self._runs:  # the counter's own device runs last: others read it first
@@ -316,6 +362,10 @@ class Averager(nn.Module):
 
     def _update_unfused(self) -> None:
         update_per_tensor(self._runs, self.method, self.n_averaged)
+
+    def _roles_by_name(self) -> dict[str, int]:
+        """Each shadow tensor's role in the current plans (``plan.ROLE_*``): for tests and debugging."""
+        return {name: role for plan, _ in self._runs or () for name, role in zip(plan.names, plan.roles)}
 
     def _ensure_plans(self, model: nn.Module) -> None:
         if self._watch is None or self._model_ref() is not model or self._watch.moved():
@@ -464,7 +514,9 @@ class Averager(nn.Module):
         for device, indices in by_device.items():
             roles = [
                 ROLE_AVERAGE
-                if shadows[i].is_floating_point() and (i < num_params or self.use_buffers)
+                if shadows[i].is_floating_point()
+                and (i < num_params or self.use_buffers)
+                and not _excluded(self._shadow_names[i], self.exclude)
                 else ROLE_COPY
                 for i in indices
             ]

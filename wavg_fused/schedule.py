@@ -40,6 +40,10 @@ class Schedule:
         _count(self.update_after, "update_after", 0)
         _count(self.update_every, "update_every", 1)
 
+    def averaging_calls(self, calls: int) -> int:
+        """How many of the first ``calls`` calls averaged."""
+        return max(0, calls - self.update_after) // self.update_every
+
     def action(self, call: int) -> Action:
         """What the ``call``-th call of ``update`` (counting from 1) does."""
         if call <= self.update_after:

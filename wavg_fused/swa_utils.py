@@ -14,7 +14,9 @@ Which averaging rule runs where:
   ``get_swa_multi_avg_fn()``, recognised by their code (the EMA decay is read from the closure).
   The fused rule is torch's ``lerp`` (weight ``1 - decay`` or ``1 / (n + 1)``, rounded to
   float32 for float32 and 16-bit tensors, from the nearer end), so for float32, bfloat16 and
-  float16 models it gives torch's ``_foreach_lerp_`` results bit for bit (the tests check this).
+  float16 models the ``cpu`` and ``torch`` backends give torch's ``_foreach_lerp_`` results bit
+  for bit (the tests check this); the Triton interpreter, which does not fuse the multiply-add,
+  is within an ulp. GPU backends have not been compared with torch on a GPU yet.
 * unfused, exactly torch's calls: any other ``avg_fn`` (per tensor; torch's ``get_ema_avg_fn``
   and ``get_swa_avg_fn`` included, whose formulas are not lerp) or ``multi_avg_fn`` (once per
   device and dtype group).
