@@ -5,7 +5,8 @@ handful of foreach calls. The step weight stays on the device: it is written int
 0-dim tensor per compute dtype whose expanded views are the ``weights`` of
 ``_foreach_lerp_`` (a 0-dim tensor passed as a Scalar would be read on the host).
 16-bit tensors are averaged in float32 (float64 for float64) and rounded once, like the kernels;
-that costs temporary copies, which the fused backends avoid.
+that costs temporary copies, which the fused backends avoid. An fp32 average of a 16-bit model
+keeps a persistent fp32 buffer per model tensor to widen it into (model-sized memory).
 """
 
 from __future__ import annotations
@@ -30,6 +31,9 @@ class _Group:
     offsets: list[int] = field(default_factory=list)  # element offsets in storage: keys of stochastic rounding
     weights: list[torch.Tensor] = field(default_factory=list)  # expanded views of one 0-dim weight
     direct: bool = True  # shadows and models already have the compute dtype and device
+    # Shadows in the compute dtype, models not (an fp32 average of a bf16 model): the models are
+    # widened into these persistent buffers with one grouped copy instead of a cast per tensor.
+    widened: list[torch.Tensor] | None = None
 
 
 @dataclass
@@ -58,6 +62,8 @@ def _prepare(plan: Plan) -> _Prepared:
         weight = weights.setdefault(opmath, torch.ones((), dtype=opmath, device=plan.device))
         group.weights = [weight.expand(s.shape) for s in group.shadows]
         group.direct = shadow_dtype == opmath and model_dtype == opmath and model_device == plan.device
+        if not group.direct and shadow_dtype == opmath:
+            group.widened = [torch.empty_like(s) for s in group.shadows]
         averages.append(group)
     return _Prepared(copies, averages, weights)
 
@@ -83,6 +89,10 @@ class TorchBackend:
         for group in prepared.averages:
             if group.direct:
                 torch._foreach_lerp_(group.shadows, group.models, group.weights)
+                continue
+            if group.widened is not None:
+                torch._foreach_copy_(group.widened, group.models)
+                torch._foreach_lerp_(group.shadows, group.widened, group.weights)
                 continue
             opmath = group.weights[0].dtype
             shadows = [s.to(opmath) for s in group.shadows]
