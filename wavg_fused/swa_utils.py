@@ -16,7 +16,7 @@ Which averaging rule runs where:
   float32 for float32 and 16-bit tensors, from the nearer end), so for float32, bfloat16 and
   float16 models the ``cpu`` and ``torch`` backends give torch's ``_foreach_lerp_`` results bit
   for bit (the tests check this); the Triton interpreter, which does not fuse the multiply-add,
-  is within an ulp. GPU backends have not been compared with torch on a GPU yet.
+  differs by an ulp per update (a few over a run). GPU backends are not yet compared on a GPU.
 * unfused, exactly torch's calls: any other ``avg_fn`` (per tensor; torch's ``get_ema_avg_fn``
   and ``get_swa_avg_fn`` included, whose formulas are not lerp) or ``multi_avg_fn`` (once per
   device and dtype group).
