@@ -161,3 +161,26 @@ def test_write_back_every_puts_the_average_into_the_model(backend):
             assert torch.equal(model.weight, live)
     with pytest.raises(ValueError, match="write_back_every"):
         wf.Averager(model, wf.EMA(0.5), write_back_every=0)
+
+
+def test_schedule_position_survives_a_checkpoint():
+    model, states = _linear_run(8)
+    avg = wf.Averager(model, wf.EMA(0.5), update_after=2, update_every=3)
+    for state in states[:4]:
+        model.load_state_dict(state)
+        avg.update(model)
+    saved = copy.deepcopy(avg.state_dict())
+    resumed = wf.Averager(model, wf.EMA(0.5), update_after=2, update_every=3)
+    resumed.load_state_dict(saved)
+    for state in states[4:]:
+        model.load_state_dict(state)
+        avg.update(model)
+        resumed.update(model)
+    assert resumed._calls == avg._calls == 8
+    assert int(resumed.n_averaged) == int(avg.n_averaged) == 2  # calls 5 and 8 averaged
+    assert torch.equal(resumed.module.weight, avg.module.weight)
+    bad = dict(saved)
+    bad["_extra_state"] = wf.method_state.encode_method(wf.EMA(0.5), calls=-1)
+    with pytest.raises(RuntimeError, match="nothing was loaded"):
+        resumed.load_state_dict(bad)
+    assert resumed._calls == 8

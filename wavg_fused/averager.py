@@ -14,7 +14,7 @@ import torch
 from torch import nn
 
 from .backends.registry import select_backend
-from .method_state import UnknownMethodError, decode_method, encode_method
+from .method_state import UnknownMethodError, decode_calls, decode_method, encode_method
 from .methods import SWA, Method
 from .plan import ROLE_AVERAGE, ROLE_COPY, Plan, check_structure
 from . import swap as _swap
@@ -245,11 +245,14 @@ class Averager(nn.Module):
         return super().state_dict(*args, **kwargs)
 
     def get_extra_state(self) -> torch.Tensor:
-        """The method and its hyperparameters as JSON in a uint8 tensor (``wavg_fused.method_state``)."""
-        return encode_method(self.method)
+        """The method, its hyperparameters and the schedule's call count as JSON in a uint8 tensor
+        (``wavg_fused.method_state``)."""
+        return encode_method(self.method, self._calls)
 
     def set_extra_state(self, state: Any) -> None:
-        """Restore the method saved by ``get_extra_state``; warn if it replaces a different one."""
+        """Restore the method and the schedule's call count saved by ``get_extra_state``; warn if
+        the method replaces a different one."""
+        self._calls = decode_calls(state)
         try:
             method = decode_method(state)
         except UnknownMethodError as error:
@@ -289,6 +292,7 @@ class Averager(nn.Module):
                 )
         for key in optional & state_dict.keys():
             try:
+                decode_calls(state_dict[key])
                 decode_method(state_dict[key])
             except UnknownMethodError:
                 pass  # set_extra_state warns and keeps the method; the weights still load

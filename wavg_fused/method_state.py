@@ -18,7 +18,7 @@ import torch
 
 from .methods import Method
 
-__all__ = ["encode_method", "decode_method", "UnknownMethodError"]
+__all__ = ["encode_method", "decode_method", "decode_calls", "UnknownMethodError"]
 
 FORMAT = 1
 _JSON_SCALARS = (bool, int, float, str, type(None))
@@ -41,8 +41,9 @@ def _method_classes() -> list[type[Method]]:
     return found
 
 
-def encode_method(method: object) -> torch.Tensor:
-    """The ``_extra_state`` tensor describing ``method`` (a ``Method`` dataclass or anything else).
+def encode_method(method: object, calls: int = 0) -> torch.Tensor:
+    """The ``_extra_state`` tensor describing ``method`` (a ``Method`` dataclass or anything else)
+    and ``calls``, the number of ``update`` calls so far (the clock of ``Averager``'s schedule).
 
     >>> import wavg_fused as wf
     >>> decode_method(encode_method(wf.EMA(0.99)))
@@ -55,11 +56,28 @@ def encode_method(method: object) -> torch.Tensor:
         params = {f.name: getattr(method, f.name) for f in dataclasses.fields(method)}
         if all(isinstance(v, _JSON_SCALARS) for v in params.values()):
             entry = {"name": method.name, "class": _class_path(type(method)), "params": params}
-    text = json.dumps({"format": FORMAT, "method": entry}, sort_keys=True, allow_nan=False)
+    text = json.dumps({"format": FORMAT, "method": entry, "calls": int(calls)}, sort_keys=True, allow_nan=False)
     return torch.frombuffer(bytearray(text.encode()), dtype=torch.uint8).clone()
 
 
 def _parse(value: Any) -> dict | None:
+    return _state(value).get("method")
+
+
+def decode_calls(value: Any) -> int:
+    """The ``update`` call count an ``_extra_state`` tensor holds (0 in checkpoints from before it).
+
+    >>> import wavg_fused as wf
+    >>> decode_calls(encode_method(wf.SWA(), calls=7))
+    7
+    """
+    calls = _state(value).get("calls", 0)
+    if isinstance(calls, bool) or not isinstance(calls, int) or calls < 0:
+        raise ValueError(f"malformed call count {calls!r}")
+    return calls
+
+
+def _state(value: Any) -> dict:
     if not (isinstance(value, torch.Tensor) and value.dtype == torch.uint8 and value.dim() == 1):
         raise ValueError(f"expected a 1-D uint8 tensor holding JSON, got {type(value).__name__}")
     try:
@@ -73,7 +91,7 @@ def _parse(value: Any) -> dict | None:
         isinstance(entry, dict) and isinstance(entry.get("name"), str) and isinstance(entry.get("params"), dict)
     ):
         raise ValueError(f"malformed method entry {entry!r}")
-    return entry
+    return state
 
 
 def decode_method(value: Any) -> Method | None:
