@@ -10,7 +10,8 @@ TORCH_LIBRARY(wavg_fused, m) {
   // `params` are the method's hyperparameters (at most 4, wavg_rule.h MethodParams).
   // `action` (wavg_rule.h Mode) 1 and 2 WRITE the model tensors at the table's addresses (copy the
   // average into the model, or exchange the two): a write the schema cannot annotate, since the
-  // model tensors are not arguments. The caller owns that aliasing (Averager.copy_to / swap).
+  // model tensors are not arguments. The caller owns that aliasing (wavg_fused/swap.py: it keeps
+  // the written memory alive while swapped in and bumps the written tensors' version counters).
   // `blocks` is the per-block work list ([B, 2]: tensor index, start element); `workspace` is
   // a zeroed int32 scratch the CUDA kernel uses to find its last block. A non-negative
   // `rounding_seed` rounds bf16 shadows stochastically.

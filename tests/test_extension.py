@@ -94,3 +94,29 @@ def test_every_instruction_set_matches_the_torch_backend(isa):
     env = dict(os.environ, WAVG_FUSED_CPU_ISA=isa)
     result = subprocess.run([sys.executable, "-c", _ISA_CHECK], env=env, capture_output=True, text=True)
     assert result.returncode == 0 and result.stdout.strip() == "ok", result.stderr[-3000:]
+
+
+@needs_ext
+@pytest.mark.parametrize("action", [1, 2], ids=["copy_to_model", "swap"])
+@pytest.mark.parametrize("dtype, model_dtype", [(torch.float32, None), (torch.bfloat16, None), (torch.float32, torch.bfloat16)])
+def test_opcheck_transfers(action, dtype, model_dtype):
+    # actions 1 and 2 write the model at the table's addresses, which are not arguments (see the
+    # schema's comment); `flats` are declared mutable for both. Swap needs equal dtypes.
+    if action == 2 and model_dtype is not None:
+        pytest.skip("swap exchanges equal dtypes only")
+    avg, args = _op_args(dtype=dtype, model_dtype=model_dtype)
+    spare = avg._runs[0][0].spare_count  # transfers neither read nor bump the counter
+    args = (*args[:3], spare, args[4], 0, [], False, -1, action)
+    torch.library.opcheck(torch.ops.wavg_fused.update_.default, args)
+
+
+@needs_ext
+def test_swap_and_bump_are_refused_together():
+    _, args = _op_args()
+    with pytest.raises(RuntimeError, match="only mode 0"):
+        torch.ops.wavg_fused.update_.default(*args[:7], True, -1, 2)
+    with pytest.raises(RuntimeError, match="unknown mode"):
+        torch.ops.wavg_fused.update_.default(*args[:7], False, -1, 7)
+    _, mixed = _op_args(dtype=torch.float32, model_dtype=torch.bfloat16)
+    with pytest.raises(RuntimeError, match="swap needs equal model and shadow dtypes"):
+        torch.ops.wavg_fused.update_.default(*mixed[:7], False, -1, 2)

@@ -3,6 +3,7 @@ backend x dtype case x model."""
 
 import copy
 import pickle
+import warnings
 
 import pytest
 import torch
@@ -58,9 +59,10 @@ def test_swapped_block_puts_the_average_in_and_restores_the_model_exactly(kind, 
     _assert_bitwise(avg.module, average, "average after the block")
 
 
-@pytest.mark.parametrize("case", ["fp32", "bf16_in_fp32"])
-def test_model_is_restored_when_the_block_raises(case, backend):
-    model, avg = _averaged("cnn", case, backend)
+@pytest.mark.parametrize("kind", ["cnn", "transformer"])
+@pytest.mark.parametrize("case", list(CASES))
+def test_model_is_restored_when_the_block_raises(kind, case, backend):
+    model, avg = _averaged(kind, case, backend)
     live, average = _state(model), _state(avg.module)
     with pytest.raises(ZeroDivisionError):
         with avg.swapped(model):
@@ -70,9 +72,10 @@ def test_model_is_restored_when_the_block_raises(case, backend):
     avg.update(model)  # and the averager works on
 
 
+@pytest.mark.parametrize("kind", ["cnn", "transformer"])
 @pytest.mark.parametrize("case", list(CASES))
-def test_copy_to_equals_a_per_tensor_copy(case, backend):
-    model, avg = _averaged("transformer", case, backend)
+def test_copy_to_equals_a_per_tensor_copy(kind, case, backend):
+    model, avg = _averaged(kind, case, backend)
     expected = copy.deepcopy(model)
     for (name, target), source in zip(expected.state_dict().items(), avg.module.state_dict().values()):
         target.copy_(source)
@@ -167,3 +170,162 @@ def test_unfused_avg_fn_averager_swaps_too():
     with avg.swapped(model):
         pass
     _assert_bitwise(model, live, "after the block")
+
+
+def _launches(action):
+    from torch.profiler import profile
+
+    with profile() as prof:
+        action()
+    # aten::item: the never-updated check reads the counter; nothing else may run per tensor
+    return [e.name for e in prof.events() if e.cpu_parent is None and e.name != "aten::item"]
+
+
+def test_launches_of_an_average_in_another_dtype_on_the_cpu_backend():
+    if "cpu" not in wf.available_backends("cpu"):
+        pytest.skip("the compiled cpu backend is not built")
+    model = torch.nn.Sequential(*[torch.nn.Linear(8, 8) for _ in range(20)]).to(torch.bfloat16)
+    avg = wf.Averager(model, wf.EMA(0.9), dtype=torch.float32, backend="cpu")
+    avg.update(model)
+    # in: backup of the live weights, then the average cast into the model; out: the backup back
+    assert _launches(lambda: avg.swap(model)).count("wavg_fused::update_") == 2
+    assert _launches(lambda: avg.swap(model)) == ["wavg_fused::update_"]
+    assert _launches(lambda: avg.copy_to(model)) == ["wavg_fused::update_"]
+
+
+def test_special_values_are_restored_bit_for_bit(backend):
+    # NaN payloads and signs, -0.0, infinities, subnormals: a restore through float conversions
+    # would canonicalise them
+    model = torch.nn.Linear(16, 4).to(torch.bfloat16)
+    avg = wf.Averager(model, wf.EMA(0.5), dtype=torch.float32, backend=backend)
+    avg.update(model)
+    bits = torch.tensor([0x7FC1, 0xFFC1, 0x7F81, 0x8000, 0x7F80, 0xFF80, 0x0001, 0x8001], dtype=torch.int32).to(torch.int16)
+    with torch.no_grad():
+        model.weight.view(torch.int16)[0, :8] = bits
+        model.weight.view(torch.int16)[3, 8:] = bits
+    live = _state(model)
+    with avg.swapped(model):
+        pass
+    _assert_bitwise(model, live, "after the block")
+    same = wf.Averager(model, wf.EMA(0.5), backend=backend)  # equal dtypes: the in-place exchange
+    same.update(model)
+    with torch.no_grad():
+        model.weight.add_(1.0)
+        model.weight.view(torch.int16)[0, :8] = bits
+    live = _state(model)
+    same.swap(model)
+    same.swap(model)
+    _assert_bitwise(model, live, "after swapping twice")
+
+
+def test_swapped_refuses_to_nest_and_tolerates_a_swap_back_inside():
+    model, avg = _averaged("cnn", "fp32", "torch")
+    live = _state(model)
+    avg.swap(model)
+    with pytest.raises(RuntimeError, match="swapped into the model"):
+        with avg.swapped(model):
+            pass
+    assert avg.is_swapped  # the refusal changed nothing
+    avg.swap(model)
+    with avg.swapped(model):
+        avg.swap(model)  # out by hand: leaving the block must not put the average back in
+    assert not avg.is_swapped
+    _assert_bitwise(model, live, "after the block")
+
+
+def test_model_wrappers_are_unwrapped():
+    model, avg = _averaged("cnn", "fp32", "torch")
+    live, average = _state(model), _state(avg.module)
+    wrapped = torch.nn.DataParallel(model)
+    with avg.swapped(wrapped):
+        _assert_bitwise(model, average, "inside the block")
+    _assert_bitwise(model, live, "after the block")
+    avg.copy_to(wrapped)
+    _assert_bitwise(model, average, "copy_to")
+
+
+def test_an_average_tracking_the_model_before_averaging_starts_can_be_swapped_in():
+    model = torch.nn.Linear(3, 3)
+    avg = wf.Averager(model, wf.EMA(0.9), update_after=5)
+    with pytest.raises(RuntimeError, match="never updated"):
+        avg.copy_to(model)
+    avg.update(model)  # tracks: a copy of the model, n_averaged stays 0
+    assert int(avg.n_averaged) == 0
+    with avg.swapped(model):
+        assert torch.equal(model.weight, avg.module.weight)
+
+
+@pytest.mark.parametrize("case", ["fp32", "bf16_in_fp32"])
+def test_backward_through_weights_swapped_out_from_under_it_raises(case, backend):
+    # the kernels write the model behind autograd's back: the version counters must say so
+    model, avg = _averaged("cnn", case, backend)
+    model.eval()
+    loss = model(torch.randn(2, 3, 8, 8, dtype=CASES[case][0])).square().sum()
+    avg.swap(model)
+    with pytest.raises(RuntimeError, match="modified by an inplace operation"):
+        loss.backward()
+    avg.swap(model)
+    loss = model(torch.randn(2, 3, 8, 8, dtype=CASES[case][0])).square().sum()
+    avg.copy_to(model)
+    with pytest.raises(RuntimeError, match="modified by an inplace operation"):
+        loss.backward()
+
+
+@pytest.mark.parametrize("case", ["fp32", "bf16_in_fp32"])
+@pytest.mark.parametrize("replace", ["convert", "new_parameter"])
+def test_model_tensors_replaced_inside_the_block_are_restored_with_a_warning(case, replace, backend):
+    model, avg = _averaged("cnn", case, backend)
+    live, average = _state(model), _state(avg.module)
+    old_weight = model.head.weight
+    with pytest.warns(RuntimeWarning, match="replaced while the average was swapped in"):
+        with avg.swapped(model):
+            if replace == "convert":  # rebinds every param.data: the old memory must stay alive
+                model.double()
+            else:
+                model.head.weight = torch.nn.Parameter(torch.zeros_like(model.head.weight))
+    expected = {k: v.double() if replace == "convert" and v.is_floating_point() else v for k, v in live.items()}
+    _assert_bitwise(model, expected, "after the block")
+    _assert_bitwise(avg.module, average, "average after the block")
+    if replace == "new_parameter":  # the optimizer's old Parameter gets its values back too
+        assert torch.equal(old_weight, live["head.weight"])
+    model.to(CASES[case][0])
+    avg.update(model)  # the averager works on with the new tensors
+
+
+def test_model_tensor_removed_inside_the_block_raises_and_keeps_the_average():
+    model, avg = _averaged("cnn", "fp32", "torch")
+    average = _state(avg.module)
+    with pytest.raises(RuntimeError, match="could not be restored"):
+        with avg.swapped(model):
+            del model.stem[1]._buffers["running_mean"]
+    assert not avg.is_swapped
+    _assert_bitwise(avg.module, average, "average")
+
+
+def test_moving_the_averager_while_swapped_is_refused():
+    model, avg = _averaged("cnn", "fp32", "torch")
+    live = _state(model)
+    with avg.swapped(model):
+        with pytest.raises(RuntimeError, match="cannot move or convert"):
+            avg.double()
+    _assert_bitwise(model, live, "after the block")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        avg.double()  # fine again
+
+
+@pytest.mark.parametrize("case", ["fp32", "bf16_in_fp32"])
+def test_a_model_deleted_while_swapped_gives_the_average_back(case):
+    import gc
+
+    model, avg = _averaged("cnn", case, "torch")
+    average = _state(avg.module)
+    avg.swap(model)
+    other = copy.deepcopy(model)
+    del model
+    gc.collect()
+    with pytest.raises(RuntimeError, match="was deleted"):
+        avg.swap(other)
+    assert not avg.is_swapped
+    _assert_bitwise(avg.module, average, "average")
+    avg.update(other)

@@ -205,7 +205,7 @@ class Averager(nn.Module):
     def _reset_caches(self) -> None:
         for name in _TRANSIENT:
             self.__dict__[name] = None
-        self.__dict__["_swap_state"] = None  # (model ref, backups or None) while swapped in
+        self.__dict__["_swap_state"] = None  # (model ref, backups or None, pinned model memory) while swapped in
 
     def __getstate__(self) -> dict:
         if self.__dict__.get("_swap_state") is not None:
@@ -218,6 +218,8 @@ class Averager(nn.Module):
     def _apply(self, fn: Callable, recurse: bool = True) -> Averager:
         # .to(), .cuda(), .half() replace the shadow tensors: pack them again right away so the
         # old flat buffers are freed and the next update rebuilds its plan.
+        if self.__dict__.get("_swap_state") is not None:  # swapping out needs the storage it swapped in
+            raise RuntimeError(f"cannot move or convert an Averager (.to(), .cuda(), .half()) while {_NOT_WHILE_SWAPPED}")
         super()._apply(fn, recurse)
         self._repack()
         return self
@@ -377,8 +379,12 @@ class Averager(nn.Module):
 
     # ------------------------------------------------------------------ swapping in and out
     def _check_averaged(self, action: str) -> None:
-        # Reading the counter waits for the device: acceptable for an evaluation-time call, and
-        # it stops an uninitialised average from reaching the model (Lightning #21724).
+        # Refuse an average no update has written (Lightning #21724 swapped uninitialised weights
+        # in). The schedule's warm-up (update_after) copies the model in without counting: known
+        # on the host. Otherwise n_averaged is read, which waits for the device: acceptable for an
+        # evaluation-time call, never done by update().
+        if min(self._calls, self.schedule.update_after) > 0:
+            return
         if int(self.n_averaged) == 0:
             raise RuntimeError(f"Averager.{action}: the average was never updated (n_averaged == 0); call update(model) first")
 
@@ -386,8 +392,11 @@ class Averager(nn.Module):
     def copy_to(self, model: nn.Module) -> None:
         """Write the averaged values into ``model``'s matching tensors (cast to their dtypes).
 
-        One launch per device on the fused backends. The model keeps them: use ``swapped`` to
-        evaluate the average and get the trained weights back.
+        Parameters and buffers, as the averager holds them (with ``use_buffers=False`` the
+        buffers as of the last update). One launch per device on the fused backends. The model
+        keeps them: use ``swapped`` to evaluate the average and get the trained weights back.
+        Raises ``RuntimeError`` if no update ever wrote the average (checking reads
+        ``n_averaged``, which waits for the GPU) or while the average is swapped in.
 
         >>> import torch, wavg_fused as wf
         >>> model = torch.nn.Linear(3, 1)
@@ -411,49 +420,88 @@ class Averager(nn.Module):
     @torch.no_grad()
     def swap(self, model: nn.Module) -> None:
         """Put the averaged weights into ``model``, or, if they are in already, take them out and
-        restore ``model``'s own weights exactly. One launch per device each way (fused backends).
+        restore ``model``'s own weights exactly. One launch per device each way (fused backends;
+        an average in another dtype takes two to go in: backup, then copy).
 
         With equal dtypes the two are exchanged in place (no extra memory); for an average kept
         in another dtype (``dtype=torch.float32`` of a bf16 model) the model's weights are saved
-        in a backup buffer while the average is in. While swapped in, ``update``,
-        ``state_dict`` and pickling raise, and after an exchange ``self.module`` holds the
-        model's weights: evaluate ``model``, not the averager.
+        in a backup buffer while the average is in. While swapped in, ``update``, ``copy_to``,
+        ``state_dict``, ``.to()`` and pickling raise, and after an exchange ``self.module`` holds
+        the model's weights: evaluate ``model``, not the averager. Treat the model's weights as
+        read-only meanwhile: in-place changes (``update_bn``) end up in the average after an
+        exchange and are dropped after a backup. Swapping in raises ``RuntimeError`` if no
+        update ever wrote the average (checking reads ``n_averaged``: it waits for the GPU).
 
         >>> import torch, wavg_fused as wf
         >>> model = torch.nn.Linear(3, 1)
         >>> avg = wf.Averager(model, wf.SWA()); avg.update(model)
         >>> trained = model.weight.detach().clone()
         >>> with torch.no_grad(): _ = model.weight.mul_(3.0)
-        >>> avg.swap(model); torch.equal(model.weight, trained)
-        True
-        >>> avg.swap(model); torch.equal(model.weight, 3 * trained)
-        True
+        >>> avg.swap(model); torch.equal(model.weight, trained), avg.is_swapped
+        (True, True)
+        >>> avg.swap(model); torch.equal(model.weight, 3 * trained), avg.is_swapped
+        (True, False)
         """
         model = de_parallel(model)
         if self._swap_state is not None:
-            swapped_into, backups = self._swap_state
-            if swapped_into() is not model:
-                raise RuntimeError("Averager.swap: the averaged weights are swapped into another model; swap that one back")
-            if backups is None:
-                _swap.exchange(self._runs)
-            else:
-                _swap.restore_model(backups)
-            self._swap_state = None
+            self._swap_out(model)
             return
         self._check_averaged("swap")
         self._ensure_plans(model)
+        pinned = _swap.pin_model(self._runs)
         if _swap.can_exchange(self._runs):
             _swap.exchange(self._runs)
             backups = None
         else:
             backups = _swap.save_model(self._runs)
             _swap.copy_into_model(self._runs)
-        self._swap_state = (weakref.ref(model), backups)
+        self._swap_state = (weakref.ref(model), backups, pinned)
+
+    def _swap_out(self, model: nn.Module) -> None:
+        swapped_into, backups, pinned = self._swap_state
+        target = swapped_into()
+        if target is None:  # deleted while the average was in it (its memory is pinned): take the average back
+            self._swap_state = None
+            _swap.restore_replaced(self._runs, pinned, backups, {})
+            raise RuntimeError(
+                "Averager.swap: the model the average was swapped into was deleted; the average is back "
+                "in the averager and nothing was swapped (call swap again to swap it into this model)"
+            )
+        if target is not model:
+            raise RuntimeError("Averager.swap: the averaged weights are swapped into another model; swap that one back")
+        if self._watch is not None and not self._watch.moved():
+            if backups is None:
+                _swap.exchange(self._runs)
+            else:
+                _swap.restore_model(backups)
+            self._swap_state = None
+            return
+        # A model tensor was replaced meanwhile (model.half(), .to(), a new Parameter): the plans'
+        # addresses are the old memory (kept alive by `pinned`), so restore tensor by tensor.
+        self._swap_state = None
+        replaced, lost = _swap.restore_replaced(self._runs, pinned, backups, dict(named_tensors(model)))
+        if lost:
+            raise RuntimeError(
+                f"Averager.swap: the model lost or reshaped {lost[:3]} while the average was swapped in; "
+                "the average is back in the averager, but those tensors' trained values could not be restored"
+            )
+        if replaced:
+            warnings.warn(
+                f"Averager.swap: model tensors {replaced[:3]} ({len(replaced)} in all) were replaced while the "
+                "average was swapped in (.to(), .half(), a new Parameter); their trained values were copied "
+                "into the new tensors one by one, cast to their dtypes. Keep the model's tensors in place "
+                "inside a swapped() block",
+                RuntimeWarning,
+                stacklevel=3,
+            )
 
     @contextlib.contextmanager
     def swapped(self, model: nn.Module) -> Iterator[nn.Module]:
         """Evaluate with the averaged weights: inside the block ``model`` holds them; afterwards
         (also after an exception) it holds its own weights again, bit for bit.
+
+        Swaps in and out as ``swap`` does (the same guards and costs); refuses to start while the
+        average is swapped in already, and does not swap back if the block already did.
 
         >>> import torch, wavg_fused as wf
         >>> model = torch.nn.Linear(3, 1)
@@ -466,11 +514,14 @@ class Averager(nn.Module):
         >>> torch.equal(model.weight, trained)
         True
         """
+        if self._swap_state is not None:
+            raise RuntimeError(f"Averager.swapped: {_NOT_WHILE_SWAPPED}")
         self.swap(model)
         try:
             yield model
         finally:
-            self.swap(model)
+            if self._swap_state is not None:
+                self.swap(model)
 
     def _refresh(self, model: nn.Module) -> None:
         """The slow path, taken when the model object or a tensor address changed: check the

@@ -31,7 +31,10 @@ def update_(
     """Update every tensor of a plan in one fused pass (see ``wavg_fused.plan`` for the tables).
 
     The model tensors are read at the addresses in ``table``; the caller keeps them alive and
-    rebuilds the table when one of them moves (``Averager`` does both).
+    rebuilds the table when one of them moves (``Averager`` does both). ``action`` (``plan.MODE_*``)
+    0 is the update; 1 writes the shadows into the model tensors (cast to their dtypes) and 2
+    exchanges the two (equal dtypes): writes to memory the op's arguments do not name, whose
+    aliasing ``wavg_fused.swap`` owns. Neither reads the method nor bumps ``n_averaged``.
 
     >>> import torch, wavg_fused as wf
     >>> model = torch.nn.Linear(3, 2)
@@ -53,4 +56,5 @@ def _update_fake(flats, table, blocks, n_averaged, workspace, method, params, bu
     torch._check(blocks.dim() == 2 and blocks.shape[1] == 2, lambda: "blocks must be [B, 2]")
     torch._check(n_averaged.numel() == 1 and n_averaged.dtype == torch.long, lambda: "n_averaged: one int64")
     torch._check(workspace.numel() >= 1 and workspace.dtype == torch.int32, lambda: "workspace: int32")
+    torch._check(action in (0, 1, 2) and (action == 0 or not bump), lambda: "action 0, 1 or 2; only 0 bumps")
     return None

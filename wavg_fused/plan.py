@@ -168,6 +168,15 @@ class Plan:
             else:
                 self.readable_models.append(model)
         self._tables: dict[tuple[str, int], torch.Tensor] = {}
+        self._layouts: list[tuple[int, torch.Size, tuple[int, ...], torch.dtype]] | None = None
+
+    def model_layouts(self) -> list[tuple[int, torch.Size, tuple[int, ...], torch.dtype]]:
+        """(storage offset, shape, strides, dtype) of each model tensor when first asked, kept
+        with the plan: enough to view the memory the plan addresses again after the model let
+        go of it (``wavg_fused.swap``). Ask only while the plan is current."""
+        if self._layouts is None:
+            self._layouts = [(m.storage_offset(), m.shape, m.stride(), m.dtype) for m in self.models]
+        return self._layouts
 
     @property
     def staged_count(self) -> int:

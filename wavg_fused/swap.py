@@ -6,11 +6,15 @@ bit for bit. When they differ (an fp32 average of a bf16 model), an exchange wou
 average into the model's dtype and lose it, so the live weights are first copied into a backup
 buffer (the update kernel with every tensor in the copy role), the average is cast into the
 model (``MODE_COPY_TO_MODEL``), and the backup is copied back at the end.
+
+The kernels write the model at the addresses in the plan, which autograd cannot see: every
+transfer bumps the version counters of the tensors it wrote, so a backward through a graph
+that saved a weight the swap replaced raises instead of using the wrong values.
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 
 import torch
 
@@ -19,9 +23,27 @@ from .methods import SWA
 from .plan import MODE_COPY_TO_MODEL, MODE_SWAP, ROLE_COPY, Plan
 from .storage import aligned_offset
 
-__all__ = ["Runs", "can_exchange", "copy_into_model", "exchange", "save_model", "restore_model"]
+__all__ = [
+    "Runs",
+    "can_exchange",
+    "copy_into_model",
+    "exchange",
+    "save_model",
+    "restore_model",
+    "pin_model",
+    "restore_replaced",
+]
 
 Runs = Sequence[tuple[Plan, Backend]]
+
+
+def _bump_versions(tensors: list[torch.Tensor]) -> None:
+    # what an in-place op does to autograd's version counter; host metadata only, no device work
+    try:
+        torch.autograd.graph.increment_version(tensors)
+    except TypeError:  # torch < 2.6 takes one tensor per call
+        for tensor in tensors:
+            torch.autograd.graph.increment_version(tensor)
 
 
 def _transfer(runs: Runs, mode: int) -> None:
@@ -29,6 +51,7 @@ def _transfer(runs: Runs, mode: int) -> None:
         plan.stage()  # a staged model tensor is written through its staging buffer, then copied back
         backend.transfer(plan, mode)
         plan.unstage()
+        _bump_versions(plan.models + plan.shadows if mode == MODE_SWAP else plan.models)
 
 
 def can_exchange(runs: Runs) -> bool:
@@ -75,3 +98,55 @@ def save_model(runs: Runs) -> list[tuple[Plan, Backend]]:
 def restore_model(backups: Runs) -> None:
     """Write what ``save_model`` saved back into the model."""
     copy_into_model(backups)
+
+
+def pin_model(runs: Runs) -> list[list[torch.UntypedStorage]]:
+    """The storages of the model memory the plans address, one list per plan.
+
+    Held while the average is swapped in, so that memory outlives a model whose tensors are
+    replaced meanwhile (``model.half()`` inside the block rebinds ``param.data`` and would free
+    the memory the kernels are about to write; after an exchange it even holds the average).
+    Host references only: no op runs.
+    """
+    for plan, _ in runs:
+        plan.model_layouts()  # recorded while the plan is current
+    return [[model.untyped_storage() for model in plan.models] for plan, _ in runs]
+
+
+def _pinned_views(plan: Plan, storages: list[torch.UntypedStorage]) -> list[torch.Tensor]:
+    return [
+        torch.empty(0, dtype=dtype, device=storage.device).set_(storage, offset, shape, stride)
+        for storage, (offset, shape, stride, dtype) in zip(storages, plan.model_layouts())
+    ]
+
+
+def restore_replaced(
+    runs: Runs,
+    pinned: list[list[torch.UntypedStorage]],
+    backups: Runs | None,
+    current: Mapping[str, torch.Tensor],
+) -> tuple[list[str], list[str]]:
+    """Take the average out of a model some of whose tensors were replaced while it was in.
+
+    The slow path, per tensor: the averager gets its average back, the model memory the plans
+    address (``pinned``) gets its live values back, and so do the model's ``current`` tensors
+    (by name, cast to their dtypes) where they are new. Returns the names that were replaced
+    and those whose current tensor is missing or has another shape (not restored).
+    """
+    replaced, lost = [], []
+    for index, (plan, _) in enumerate(runs):
+        old = _pinned_views(plan, pinned[index])
+        if backups is None:  # exchanged: the old model memory holds the average, the shadows the live values
+            live = [shadow.clone() for shadow in plan.shadows]
+            torch._foreach_copy_(plan.shadows, old)
+        else:
+            live = backups[index][0].shadows
+        torch._foreach_copy_(old, live)
+        for name, previous, value in zip(plan.names, old, live):
+            tensor = current.get(name)
+            if tensor is None or tensor.shape != value.shape:
+                lost.append(name)
+            elif (tensor.data_ptr(), tensor.dtype, tensor.device) != (previous.data_ptr(), previous.dtype, previous.device):
+                replaced.append(name)
+                tensor.copy_(value)
+    return replaced, lost

@@ -17,7 +17,7 @@ namespace wavg_fused {
 namespace {
 
 constexpr int kThreads = 256;
-// Elements per CUDA block; must match the Python side (backends/cuda_backend.py BLOCK_ELEMS).
+// Elements per CUDA block; must match the Python side (backends/fused.py CudaBackend.block_elems).
 constexpr int64_t kBlockElems = 4096;
 
 template <typename T, int N>
@@ -35,7 +35,11 @@ struct FlatBases {
 template <typename S, typename M>
 __device__ __forceinline__ S next_value(S s, M m, bool copy, const Step& k, int64_t element) {
   using Op = opmath_t<S>;
-  if (copy) return static_cast<S>(static_cast<Op>(m));
+  if (copy) {
+    // equal dtypes: the bits as they are (NaN payloads too), so swap's backup restores exactly
+    if constexpr (std::is_same_v<S, M>) return m;
+    else return static_cast<S>(static_cast<Op>(m));
+  }
   const Op value = averaged<Op>(static_cast<Op>(s), static_cast<Op>(m), k.weight<Op>(), k.one_minus<Op>(),
                                 k.from_shadow);
   if constexpr (std::is_same_v<S, c10::BFloat16>) {

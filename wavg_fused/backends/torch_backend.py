@@ -111,7 +111,10 @@ class TorchBackend:
         if mode == MODE_COPY_TO_MODEL:
             torch._foreach_copy_([m for _, m in pairs], [s for s, _ in pairs])
             return
-        # swap, equal dtypes: through one temporary per tensor (the fused backends need none)
-        saved = [m.clone() for _, m in pairs]
-        torch._foreach_copy_([m for _, m in pairs], [s for s, _ in pairs])
-        torch._foreach_copy_([s for s, _ in pairs], saved)
+        # swap, equal dtypes: three grouped copies through model-sized temporaries (the fused
+        # backends need none)
+        models, shadows = [m for _, m in pairs], [s for s, _ in pairs]
+        saved = [torch.empty_like(m) for m in models]
+        torch._foreach_copy_(saved, models)
+        torch._foreach_copy_(models, shadows)
+        torch._foreach_copy_(shadows, saved)

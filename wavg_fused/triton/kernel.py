@@ -76,17 +76,21 @@ def _to_shadow(value, S: tl.constexpr):
 
 
 @triton.jit
-def _update_elements(shadow_ptr, model_ptr, offs, mask, w, copy, n, seed, first, S: tl.constexpr):
+def _update_elements(shadow_ptr, model_ptr, offs, mask, w, copy, n, seed, first, S: tl.constexpr, M: tl.constexpr):
     if S == tl.float64:
         op: tl.constexpr = tl.float64
     else:
         op: tl.constexpr = tl.float32
-    m = tl.load(model_ptr + offs, mask=mask).to(op)
+    m = tl.load(model_ptr + offs, mask=mask)
     if copy:
-        tl.store(shadow_ptr + offs, _to_shadow(m, S), mask=mask)
+        if S == M:  # the bits as they are (NaN payloads too): swap's backup must restore exactly
+            tl.store(shadow_ptr + offs, m, mask=mask)
+        else:
+            tl.store(shadow_ptr + offs, _to_shadow(m.to(op), S), mask=mask)
     else:
+        x = m.to(op)
         s = tl.load(shadow_ptr + offs, mask=mask).to(op)
-        value = tl.where(w < 0.5, s + w.to(op) * (m - s), m - (m - s) * (1.0 - w).to(op))
+        value = tl.where(w < 0.5, s + w.to(op) * (x - s), x - (x - s) * (1.0 - w).to(op))
         if S == tl.bfloat16:
             if seed >= 0:
                 tl.store(shadow_ptr + offs, _stochastic_bf16(value, first + offs, n, seed), mask=mask)
@@ -107,15 +111,15 @@ def _update_block(shadow_addr, model_addr, offs, numel, full, w, copy, n, seed, 
     if ALIGNED:
         if full:
             _update_elements(tl.multiple_of(shadow_ptr, 16), tl.multiple_of(model_ptr, 16), offs, None,
-                             w, copy, n, seed, first, S)
+                             w, copy, n, seed, first, S, M)
         else:
             _update_elements(tl.multiple_of(shadow_ptr, 16), tl.multiple_of(model_ptr, 16), offs, offs < numel,
-                             w, copy, n, seed, first, S)
+                             w, copy, n, seed, first, S, M)
     else:
         if full:
-            _update_elements(shadow_ptr, model_ptr, offs, None, w, copy, n, seed, first, S)
+            _update_elements(shadow_ptr, model_ptr, offs, None, w, copy, n, seed, first, S, M)
         else:
-            _update_elements(shadow_ptr, model_ptr, offs, offs < numel, w, copy, n, seed, first, S)
+            _update_elements(shadow_ptr, model_ptr, offs, offs < numel, w, copy, n, seed, first, S, M)
 
 
 @triton.jit
