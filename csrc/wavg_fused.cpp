@@ -12,12 +12,17 @@ TORCH_LIBRARY(wavg_fused, m) {
   // average into the model, or exchange the two): a write the schema cannot annotate, since the
   // model tensors are not arguments. The caller owns that aliasing (wavg_fused/swap.py: it keeps
   // the written memory alive while swapped in and bumps the written tensors' version counters).
+  // `action` 3 only reads: it sets workspace[1] if an averaged model value is Inf or NaN. With
+  // `guard`, the update (action 0) reads that flag on the device: set, it leaves every shadow as it
+  // is, bumps `n_skipped` (when given) instead of n_averaged, and clears the flag.
   // `blocks` is the per-block work list ([B, 2]: tensor index, start element); `workspace` is
-  // a zeroed int32 scratch the CUDA kernel uses to find its last block. A non-negative
+  // a zeroed int32 scratch (wavg_rule.h kWorkspaceSlots): the CUDA kernel's finished-block count and
+  // the non-finite flag. A non-negative
   // `rounding_seed` rounds bf16 shadows stochastically.
   m.def(
       "update_(Tensor(a!)[] flats, Tensor table, Tensor blocks, Tensor(b!) n_averaged, "
-      "Tensor(c!) workspace, int method, float[] params, bool bump, int rounding_seed, int action=0) -> ()");
+      "Tensor(c!) workspace, int method, float[] params, bool bump, int rounding_seed, int action=0, "
+      "bool guard=False, Tensor(d!)? n_skipped=None) -> ()");
 }
 
 // The op has no outputs and nothing to differentiate: skip autograd's boxed not-implemented

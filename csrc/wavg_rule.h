@@ -32,7 +32,15 @@ enum Mode : int64_t {
   kModeAverage = 0,      // shadow <- averaged(shadow, model), or a copy of the model (role kCopy)
   kModeCopyToModel = 1,  // model <- shadow, cast to the model's dtype
   kModeSwap = 2,         // exchange shadow and model element by element (equal dtypes only)
+  kModeCheck = 3,        // set workspace[kNonfiniteSlot] if an averaged model value is Inf or NaN
 };
+
+// The op's int32 workspace: [0] counts finished CUDA blocks (last-block detection), [1] is the
+// non-finite flag that a kModeCheck pass sets and the guarded update reads and clears, so the
+// skip is decided on the device. Both are zero between updates.
+constexpr int64_t kBlocksDoneSlot = 0;
+constexpr int64_t kNonfiniteSlot = 1;
+constexpr int64_t kWorkspaceSlots = 2;
 
 enum Column : int64_t {
   kModelPtr = 0, kFlat, kShadowOffset, kNumel, kModelDtype, kShadowDtype, kRole, kFlags,
@@ -79,6 +87,17 @@ template <typename T>
 C10_HOST_DEVICE inline T averaged(T s, T m, T w, T one_minus_w, bool from_shadow) {
   return from_shadow ? s + w * (m - s) : m - (m - s) * one_minus_w;
 }
+
+// Inf or NaN: every exponent bit set. Tested on the raw bits, so it is one AND and one compare
+// per element for every float format, and fast-math cannot fold it away as it can isfinite().
+template <typename Bits>
+C10_HOST_DEVICE constexpr bool nonfinite_bits(Bits bits, Bits exponent) {
+  return (bits & exponent) == exponent;
+}
+constexpr uint16_t kExponentF16 = 0x7C00u;
+constexpr uint16_t kExponentBF16 = 0x7F80u;
+constexpr uint32_t kExponentF32 = 0x7F800000u;
+constexpr uint64_t kExponentF64 = 0x7FF0000000000000ull;
 
 // Everything one update's element kernels need besides the data, built the same way on CPU and GPU.
 struct Step {

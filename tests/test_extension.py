@@ -120,3 +120,19 @@ def test_swap_and_bump_are_refused_together():
     _, mixed = _op_args(dtype=torch.float32, model_dtype=torch.bfloat16)
     with pytest.raises(RuntimeError, match="swap needs equal model and shadow dtypes"):
         torch.ops.wavg_fused.update_.default(*mixed[:7], False, -1, 2)
+
+
+@needs_ext
+@pytest.mark.parametrize("poisoned", [False, True], ids=["finite", "nan"])
+def test_opcheck_nonfinite_check_and_guarded_update(poisoned):
+    avg, args = _op_args()
+    plan = avg._runs[0][0]
+    if poisoned:
+        with torch.no_grad():
+            plan.models[0][0, 0] = float("nan")
+    check = (*args[:3], plan.spare_count, args[4], 0, [], False, -1, 3)
+    torch.library.opcheck(torch.ops.wavg_fused.update_.default, check)  # runs on copies of the workspace
+    torch.ops.wavg_fused.update_.default(*check)
+    assert plan.workspace.tolist() == [0, int(poisoned)]
+    guarded = (*args[:9], 0, True, torch.zeros((), dtype=torch.long))
+    torch.library.opcheck(torch.ops.wavg_fused.update_.default, guarded)

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import contextlib
-import copy
 import warnings
 import weakref
 from collections import OrderedDict
@@ -16,9 +15,10 @@ from torch import nn
 from .backends.registry import select_backend
 from .method_state import UnknownMethodError, decode_calls, decode_method, encode_method
 from .methods import SWA, Method
-from .plan import ROLE_AVERAGE, ROLE_COPY, Plan, check_structure
+from .plan import NONFINITE_SLOT, ROLE_AVERAGE, ROLE_COPY, Plan, check_structure
 from . import swap as _swap
 from .schedule import Action, Schedule
+from .sharded import address, check_supported, copy_model, local_named_tensors, local_pairs, reshard_fsdp
 from .storage import ShadowStorage, named_tensors, pack_module
 from .unfused import update_per_tensor
 from .unwrap import de_parallel
@@ -33,6 +33,7 @@ AvgFn = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
 # deep-copied; they are rebuilt on the next update.
 _TRANSIENT = ("_model_ref", "_model_slots", "_shadow_names", "_shadow_slots", "_plan_key", "_runs", "_watch")
 _EXTRA_STATE = "_extra_state"  # where nn.Module.state_dict puts get_extra_state()
+_SKIPPED = "n_skipped"
 _NOT_WHILE_SWAPPED = (
     "the averaged weights are swapped into the model: call swap(model) again (or leave the "
     "swapped() block) first"
@@ -84,7 +85,7 @@ def _fingerprint(models: list[torch.Tensor], shadows: list[torch.Tensor]) -> tup
     # Addresses are host metadata (reading them never syncs a device). A model tensor replaced,
     # moved, re-typed or re-sized through `.data =` or `module.x = ...` gets a new address; an
     # in-place `set_` that keeps the address is the one change this does not see.
-    return tuple(map(torch.Tensor.data_ptr, models + shadows))
+    return tuple(map(address, models + shadows))  # a DTensor's bytes are its local tensor's
 
 
 class Averager(nn.Module):
@@ -110,6 +111,13 @@ class Averager(nn.Module):
             deprecated ``torch.nn.utils.weight_norm``, modules whose ``__deepcopy__`` raises).
             It is taken over, not copied: its tensors move into the averager's storage and
             receive ``model``'s values at construction, so it starts equal to ``model``.
+        skip_nonfinite: skip a whole update when any averaged model value is Inf or NaN: no
+            shadow changes, ``n_averaged`` stays and ``n_skipped`` counts it. Decided on the
+            device (a read-only check pass, then the update reads its flag), so no host sync;
+            it costs one extra read of the averaged model tensors. Off by default, as in
+            ``torch.optim.swa_utils.AveragedModel``, timm and ema-pytorch, so the default update
+            moves the fewest bytes; a run that can diverge should turn it on. ``n_skipped`` is in
+            the state dict only when it is on.
 
     The state dict has the keys ``torch.optim.swa_utils.AveragedModel`` writes
     (``module.<name>`` and ``n_averaged``) plus ``_extra_state``, the method and its
@@ -144,6 +152,7 @@ class Averager(nn.Module):
         update_after: int = 0,
         update_every: int = 1,
         write_back_every: int | None = None,
+        skip_nonfinite: bool = False,
     ) -> None:
         super().__init__()
         if not isinstance(model, nn.Module):
@@ -158,7 +167,10 @@ class Averager(nn.Module):
             raise TypeError(f"backend must be a string, got {backend!r}")
         if isinstance(rounding_seed, bool) or not isinstance(rounding_seed, int) or not 0 <= rounding_seed < 2**63:
             raise ValueError(f"rounding_seed must be an int in [0, 2**63), got {rounding_seed!r}")
+        if not isinstance(skip_nonfinite, bool):
+            raise TypeError(f"skip_nonfinite must be a bool, got {skip_nonfinite!r}")
         self.method = method
+        self.skip_nonfinite = skip_nonfinite
         self.use_buffers = bool(use_buffers)
         self.backend = backend
         self.stochastic_rounding = bool(stochastic_rounding)
@@ -174,8 +186,9 @@ class Averager(nn.Module):
         self.exclude = tuple(exclude)
         self._calls = 0  # update() calls so far: the schedule's clock, kept on the host
         model = de_parallel(model)
+        check_supported(model)  # DeepSpeed ZeRO-3, FSDP1: a clear error instead of averaging placeholders
         if averaged_module is None:
-            self.module = copy.deepcopy(model)
+            self.module = copy_model(model)  # copy.deepcopy, or the shards of an FSDP2 model
             self._storage = pack_module(self.module, device=device, dtype=dtype)
         else:
             self.module = _adopt(averaged_module, model)
@@ -190,6 +203,10 @@ class Averager(nn.Module):
             if not any(_excluded(name, (entry,)) for name in names):
                 raise ValueError(f"exclude: {entry!r} names no parameter or buffer of the model (nor a module prefix)")
         self.register_buffer("n_averaged", torch.tensor(0, dtype=torch.long, device=counter_device))
+        # updates the non-finite guard skipped; bumped on the device next to n_averaged
+        self.register_buffer(
+            "n_skipped", torch.tensor(0, dtype=torch.long, device=counter_device), persistent=skip_nonfinite
+        )
         self._reset_caches()
         for flat_device, _ in self._storage.flats:  # an explicit backend that cannot run fails now
             select_backend(self.backend, flat_device)
@@ -278,7 +295,7 @@ class Averager(nn.Module):
         before the entry existed) keeps ``self.method``, also with ``strict=True``.
         """
         own = self.state_dict(keep_vars=True)
-        optional = {_EXTRA_STATE} & own.keys()
+        optional = {_EXTRA_STATE, _SKIPPED} & own.keys()  # absent from older and AveragedModel checkpoints
         missing = [k for k in own if k not in state_dict and k not in optional]
         unexpected = [k for k in state_dict if k not in own]
         if strict and (missing or unexpected):
@@ -287,12 +304,12 @@ class Averager(nn.Module):
                 f"missing keys {missing}, unexpected keys {unexpected}; nothing was loaded"
             )
         for key, value in state_dict.items():
-            if key in own and key not in optional and isinstance(value, torch.Tensor) and value.shape != own[key].shape:
+            if key in own and key != _EXTRA_STATE and isinstance(value, torch.Tensor) and value.shape != own[key].shape:
                 raise RuntimeError(
                     f"Error loading state_dict for {type(self).__name__}: {key!r} has shape "
                     f"{tuple(value.shape)}, expected {tuple(own[key].shape)}; nothing was loaded"
                 )
-        for key in optional & state_dict.keys():
+        for key in {_EXTRA_STATE} & optional & state_dict.keys():
             try:
                 decode_calls(state_dict[key])
                 decode_method(state_dict[key])
@@ -304,10 +321,11 @@ class Averager(nn.Module):
                     f"entry ({error}); nothing was loaded"
                 ) from None
         if optional - state_dict.keys():
-            # torch's strict load reports a missing extra state; ours back in is a no-op
+            # torch's strict load reports missing entries; ours back in is a no-op
             metadata = getattr(state_dict, "_metadata", None)
             state_dict = OrderedDict(state_dict)
-            state_dict[_EXTRA_STATE] = own[_EXTRA_STATE]
+            for key in optional - state_dict.keys():
+                state_dict[key] = own[key]
             if metadata is not None:
                 state_dict._metadata = metadata
         result = super().load_state_dict(state_dict, strict=strict, assign=assign)
@@ -332,39 +350,74 @@ class Averager(nn.Module):
             self._calls += 1
             return
         self._ensure_plans(model)
-        if action is Action.TRACK:
-            self._track()
-        elif not isinstance(self.method, Method):
-            self._update_unfused()
+        if not isinstance(self.method, Method):
+            if not (self.skip_nonfinite and self._skip_on_host()):
+                self._track() if action is Action.TRACK else self._update_unfused()
         else:
-            self._average()
+            self._launch(tracking=action is Action.TRACK)
         self._calls += 1
         if action is Action.AVERAGE and self.write_back_every:
             if self.schedule.averaging_calls(self._calls) % self.write_back_every == 0:
                 _swap.copy_into_model(self._runs)
 
     def _track(self) -> None:
-        # Before averaging starts the average follows the model: w_0 = 1 (a copy) read from a
-        # counter that stays 0, so n_averaged does not move
-        for plan, backend in self._runs:
-            if isinstance(self.method, Method):
-                backend.update(plan, self.method, plan.spare_count, False)
-            else:
-                update_per_tensor([(plan, backend)], self.method, torch.zeros((), dtype=torch.long))
+        # Before averaging starts the average follows the model: a copy, counted nowhere
+        update_per_tensor(self._runs, self.method, torch.zeros((), dtype=torch.long), bump=False)
 
-    def _average(self) -> None:
-        counter, bumped = self.n_averaged, False
-        seed = self.rounding_seed if self.stochastic_rounding else -1
+    def _launch(self, tracking: bool) -> None:
+        """One fused update per shadow device. ``tracking`` (the schedule's warm-up) copies the
+        model: w_0 = 1 read from the plan's spare counter, which stays 0; n_averaged does not move."""
+        counter = self.n_averaged
+        guard = self.skip_nonfinite
+        skipped = self.n_skipped if guard else None
+        anywhere = self._check_nonfinite() if guard else None
+        seed = self.rounding_seed if self.stochastic_rounding and not tracking else -1
+        counted = False
         for plan, backend in self._runs:  # the counter's own device runs last: others read it first
-            if plan.device == counter.device:
-                backend.update(plan, self.method, counter, True, seed)
-                bumped = True
-            else:
-                # a copy into host memory must land before the CPU kernel reads it: blocking there
-                copy = counter.to(plan.device, non_blocking=plan.device.type != "cpu")
-                backend.update(plan, self.method, copy, False, seed)
-        if not bumped:
+            own = plan.device == counter.device
+            if tracking:
+                n = plan.spare_count
+            elif own:
+                n = counter
+            else:  # a copy into host memory must land before the CPU kernel reads it: blocking there
+                n = counter.to(plan.device, non_blocking=plan.device.type != "cpu")
+            backend.update(plan, self.method, n, own and not tracking, seed, guard, skipped if own else None, guard)
+            counted = counted or own
+        if counted:
+            return
+        if anywhere is not None:
+            if not tracking:
+                counter.sub_(anywhere).add_(1)
+            skipped.add_(anywhere)
+        elif not tracking:
             counter.add_(1)
+
+    def _check_nonfinite(self) -> torch.Tensor | None:
+        """Set every plan's non-finite flag if any device's averaged model values hold an Inf or a
+        NaN (the whole update is skipped or none of it). Returns the flag on the counter's device
+        when no plan lives there to bump the counters, else None."""
+        for plan, backend in self._runs:
+            backend.check_nonfinite(plan)
+        counter_device = self.n_averaged.device
+        if len(self._runs) == 1 and self._runs[0][0].device == counter_device:
+            return None  # the common case: one device decides alone, on the device
+        flags = [plan.workspace[NONFINITE_SLOT : NONFINITE_SLOT + 1] for plan, _ in self._runs]
+        anywhere = torch.zeros(1, dtype=torch.long, device=counter_device)
+        for flag in flags:  # into host memory: blocking, the CPU reads it next
+            anywhere = torch.maximum(anywhere, flag.to(counter_device, torch.long, non_blocking=counter_device.type != "cpu"))
+        for flag in flags:
+            flag.copy_(anywhere, non_blocking=flag.device.type != "cpu")
+        return anywhere.squeeze(0)
+
+    def _skip_on_host(self) -> bool:
+        """The guard for a user's avg_fn, whose slow path reads the device anyway: True (and
+        n_skipped bumped) if an averaged model value is Inf or NaN."""
+        for plan, _ in self._runs:
+            for model, role in zip(plan.models, plan.roles):
+                if role == ROLE_AVERAGE and model.numel() and not bool(torch.isfinite(model).all()):
+                    self.n_skipped.add_(1)
+                    return True
+        return False
 
     def _update_unfused(self) -> None:
         update_per_tensor(self._runs, self.method, self.n_averaged)
@@ -469,6 +522,8 @@ class Averager(nn.Module):
             )
         if target is not model:
             raise RuntimeError("Averager.swap: the averaged weights are swapped into another model; swap that one back")
+        if self._watch is not None and self._watch.moved():
+            reshard_fsdp(model)  # an eval forward inside the block leaves an FSDP2 root unsharded
         if self._watch is not None and not self._watch.moved():
             if backups is None:
                 _swap.exchange(self._runs)
@@ -479,7 +534,7 @@ class Averager(nn.Module):
         # A model tensor was replaced meanwhile (model.half(), .to(), a new Parameter): the plans'
         # addresses are the old memory (kept alive by `pinned`), so restore tensor by tensor.
         self._swap_state = None
-        replaced, lost = _swap.restore_replaced(self._runs, pinned, backups, dict(named_tensors(model)))
+        replaced, lost = _swap.restore_replaced(self._runs, pinned, backups, dict(local_named_tensors(model)))
         if lost:
             raise RuntimeError(
                 f"Averager.swap: the model lost or reshaped {lost[:3]} while the average was swapped in; "
@@ -526,6 +581,7 @@ class Averager(nn.Module):
     def _refresh(self, model: nn.Module) -> None:
         """The slow path, taken when the model object or a tensor address changed: check the
         structure, rebuild the plans if any address differs, and watch the new addresses."""
+        reshard_fsdp(model)  # an FSDP2 root left unsharded by an eval forward: back to its shards
         models = self._model_tensors(model)
         shadows = self._shadow_tensors()
         key = _fingerprint(models, shadows)
@@ -557,10 +613,11 @@ class Averager(nn.Module):
 
     def _build_plans(self, models: list[torch.Tensor], shadows: list[torch.Tensor], key: tuple) -> None:
         check_structure(self._shadow_names, shadows, self._shadow_names, models)
-        if not all(self._storage.owns(s) for s in shadows):
+        if not all(self._storage.owns(s) for s in local_pairs(self._shadow_names, shadows, models)[0]):
             self._repack()  # a shadow tensor was replaced behind our back (e.g. load with assign=True)
             shadows = self._shadow_tensors()
             key = _fingerprint(models, shadows)
+        shadows, models = local_pairs(self._shadow_names, shadows, models)  # DTensors: their shards
         num_params = sum(1 for _ in self.module.parameters())
         by_device: dict[torch.device, list[int]] = {}
         for index, shadow in enumerate(shadows):

@@ -27,6 +27,8 @@ def update_(
     bump: bool,
     rounding_seed: int = -1,
     action: int = 0,
+    guard: bool = False,
+    n_skipped: torch.Tensor | None = None,
 ) -> None:
     """Update every tensor of a plan in one fused pass (see ``wavg_fused.plan`` for the tables).
 
@@ -44,17 +46,22 @@ def update_(
     True
     """
     torch.ops.wavg_fused.update_.default(
-        list(flats), table, blocks, n_averaged, workspace, method, list(params), bump, rounding_seed, action
+        list(flats), table, blocks, n_averaged, workspace, method, list(params), bump, rounding_seed, action,
+        guard, n_skipped,
     )
 
 
 @torch.library.register_fake("wavg_fused::update_")
-def _update_fake(flats, table, blocks, n_averaged, workspace, method, params, bump, rounding_seed, action=0) -> None:
+def _update_fake(
+    flats, table, blocks, n_averaged, workspace, method, params, bump, rounding_seed, action=0, guard=False, n_skipped=None
+) -> None:
     # The op writes in place and returns nothing; under torch.compile only the shapes of the
     # tables and the counter can be checked, the addresses inside them cannot.
     torch._check(table.dim() == 2 and table.shape[1] == len(COLUMNS), lambda: "table must be [T, len(COLUMNS)]")
     torch._check(blocks.dim() == 2 and blocks.shape[1] == 2, lambda: "blocks must be [B, 2]")
     torch._check(n_averaged.numel() == 1 and n_averaged.dtype == torch.long, lambda: "n_averaged: one int64")
     torch._check(workspace.numel() >= 1 and workspace.dtype == torch.int32, lambda: "workspace: int32")
-    torch._check(action in (0, 1, 2) and (action == 0 or not bump), lambda: "action 0, 1 or 2; only 0 bumps")
+    torch._check(action in (0, 1, 2, 3) and (action == 0 or not bump), lambda: "action 0, 1, 2 or 3; only 0 bumps")
+    torch._check(not (guard or action == 3) or workspace.numel() >= 2, lambda: "the guard needs a 2-slot workspace")
+    torch._check(n_skipped is None or (n_skipped.numel() == 1 and n_skipped.dtype == torch.long), lambda: "n_skipped: one int64")
     return None

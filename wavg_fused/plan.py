@@ -38,6 +38,8 @@ ROLE_AVERAGE = 1
 MODE_AVERAGE = 0
 MODE_COPY_TO_MODEL = 1
 MODE_SWAP = 2
+MODE_CHECK = 3  # read only: flag an Inf or NaN among the averaged model values (workspace[NONFINITE_SLOT])
+NONFINITE_SLOT = 1  # csrc/wavg_rule.h kNonfiniteSlot; slot 0 counts finished CUDA blocks
 
 # Kernel-facing dtype codes; the C++ header and the Triton kernel use the same numbers.
 DTYPE_CODES: dict[torch.dtype, int] = {
@@ -153,7 +155,8 @@ class Plan:
         self.shadow_offsets = list(shadow_offsets)
         self.flats = list(flats)  # the storage buffers the shadows live in (what kernels write)
         self.device = self.shadows[0].device if self.shadows else torch.device("cpu")
-        self.workspace = torch.zeros(1, dtype=torch.int32, device=self.device)  # kernels' scratch, kept zeroed
+        # kernels' scratch, zero between updates: finished-block count, non-finite flag
+        self.workspace = torch.zeros(2, dtype=torch.int32, device=self.device)
         # the op's n_averaged argument for transfers (copy_to, swap), which neither read nor bump it
         self.spare_count = torch.zeros((), dtype=torch.long, device=self.device)
         self.numels = [s.numel() for s in self.shadows]

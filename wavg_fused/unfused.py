@@ -18,6 +18,7 @@ def update_per_tensor(
     runs: Sequence[tuple[Plan, object]],
     avg_fn: Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor],
     n_averaged: torch.Tensor,
+    bump: bool = True,
 ) -> None:
     first = bool(n_averaged == 0)
     for plan, _ in runs:
@@ -28,7 +29,8 @@ def update_per_tensor(
                 shadow.copy_(model)
             else:
                 shadow.copy_(avg_fn(shadow, model, counter))
-    n_averaged.add_(1)
+    if bump:
+        n_averaged.add_(1)
 
 
 def update_multi_tensor(

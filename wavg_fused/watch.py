@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import torch
 
+from .sharded import address, is_dtensor
+
 try:
     from ._C import first_moved as _first_moved
 except ImportError:  # no compiled extension: the Python walk below
@@ -17,6 +19,14 @@ except ImportError:  # no compiled extension: the Python walk below
 __all__ = ["AddressWatch"]
 
 Slot = tuple[dict, str]  # (a module's _parameters or _buffers dict, the key in it)
+
+
+def _local_moved(sharded: list[tuple[dict, str, int]]) -> bool:
+    for table, key, expected in sharded:
+        piece = getattr(table.get(key), "_local_tensor", None)
+        if piece is None or piece.data_ptr() != expected:
+            return True
+    return False
 
 
 class AddressWatch:
@@ -37,8 +47,13 @@ class AddressWatch:
         self._keys = [key for _, key in slots]
         self._expected_list = [table[key].data_ptr() for table, key in slots]
         self._expected = torch.tensor(self._expected_list, dtype=torch.int64)
+        # A DTensor's own data_ptr() is 0 whatever it holds: its local tensor is watched too
+        tables_keys = [(table, key) for table, key in slots if is_dtensor(table[key])]
+        self._sharded = [(table, key, address(table[key])) for table, key in tables_keys]
 
     def moved(self) -> bool:
+        if self._sharded and _local_moved(self._sharded):
+            return True
         if _first_moved is not None:
             return _first_moved(self._tables, self._keys, self._expected) >= 0
         try:

@@ -174,15 +174,52 @@ void process(const int64_t* row, char* const* flat_bases, int64_t begin, int64_t
   });
 }
 
-}  // namespace
+// OR-reduction without an early exit: the loop vectorises, and finite models (the common case,
+// whose cost matters) are read in full anyway.
+template <typename Bits>
+bool any_nonfinite_bits(const Bits* values, int64_t n, Bits exponent) {
+  bool found = false;
+  for (int64_t i = 0; i < n; ++i) found |= nonfinite_bits(values[i], exponent);
+  return found;
+}
 
-void process_elements(const PlanView& plan, int64_t begin, int64_t end) {
+bool row_nonfinite(const int64_t* row, int64_t begin, int64_t end) {
+  if (row[kRole] != kAverage) return false;
+  const auto* model = reinterpret_cast<const char*>(row[kModelPtr]);
+  const int64_t n = end - begin;
+  switch (row[kModelDtype]) {
+    case kFloat32: return any_nonfinite_bits(reinterpret_cast<const uint32_t*>(model) + begin, n, kExponentF32);
+    case kFloat64: return any_nonfinite_bits(reinterpret_cast<const uint64_t*>(model) + begin, n, kExponentF64);
+    case kFloat16: return any_nonfinite_bits(reinterpret_cast<const uint16_t*>(model) + begin, n, kExponentF16);
+    case kBFloat16: return any_nonfinite_bits(reinterpret_cast<const uint16_t*>(model) + begin, n, kExponentBF16);
+    default: return false;  // integers are always finite
+  }
+}
+
+template <typename Fn>
+void for_each_piece(const PlanView& plan, int64_t begin, int64_t end, Fn&& fn) {
   int64_t t = std::upper_bound(plan.first, plan.first + plan.num_tensors + 1, begin) - plan.first - 1;
   for (; t < plan.num_tensors && plan.first[t] < end; ++t) {
     const int64_t lo = std::max(begin, plan.first[t]) - plan.first[t];
     const int64_t hi = std::min(end, plan.first[t + 1]) - plan.first[t];
-    if (hi > lo) process(plan.rows + t * kNumColumns, plan.flat_bases, lo, hi, plan.weights, plan.mode);
+    if (hi > lo) fn(plan.rows + t * kNumColumns, lo, hi);
   }
+}
+
+}  // namespace
+
+bool any_nonfinite(const PlanView& plan, int64_t begin, int64_t end) {
+  bool found = false;
+  for_each_piece(plan, begin, end, [&](const int64_t* row, int64_t lo, int64_t hi) {
+    found = found || row_nonfinite(row, lo, hi);
+  });
+  return found;
+}
+
+void process_elements(const PlanView& plan, int64_t begin, int64_t end) {
+  for_each_piece(plan, begin, end, [&](const int64_t* row, int64_t lo, int64_t hi) {
+    process(row, plan.flat_bases, lo, hi, plan.weights, plan.mode);
+  });
 }
 
 }  // namespace wavg_fused::cpu::WAVG_ISA

@@ -21,9 +21,16 @@ struct PlanView {
 
 // Update elements [begin, end) of the whole plan (they may span several tensors).
 using ProcessFn = void (*)(const PlanView&, int64_t begin, int64_t end);
+// Whether any averaged (role kAverage) model element in [begin, end) of the plan is Inf or NaN.
+using CheckFn = bool (*)(const PlanView&, int64_t begin, int64_t end);
 
-namespace isa_default { void process_elements(const PlanView&, int64_t, int64_t); }
-namespace isa_avx2 { void process_elements(const PlanView&, int64_t, int64_t); }
-namespace isa_avx512 { void process_elements(const PlanView&, int64_t, int64_t); }
+struct Kernels {
+  ProcessFn process;
+  CheckFn any_nonfinite;
+};
+
+namespace isa_default { void process_elements(const PlanView&, int64_t, int64_t); bool any_nonfinite(const PlanView&, int64_t, int64_t); }
+namespace isa_avx2 { void process_elements(const PlanView&, int64_t, int64_t); bool any_nonfinite(const PlanView&, int64_t, int64_t); }
+namespace isa_avx512 { void process_elements(const PlanView&, int64_t, int64_t); bool any_nonfinite(const PlanView&, int64_t, int64_t); }
 
 }  // namespace wavg_fused::cpu

@@ -4,7 +4,9 @@
 #include <ATen/Parallel.h>
 #include <torch/library.h>
 
+#include <atomic>
 #include <cstdlib>
+#include <optional>
 #include <string>
 #include <vector>
 
@@ -20,24 +22,27 @@ namespace {
 constexpr int64_t kGrainElems = 32768;
 
 // WAVG_FUSED_CPU_ISA=default|avx2|avx512 forces one (tests run each; users can rule one out).
-ProcessFn widest_kernel() {
+Kernels widest_kernels() {
+  constexpr Kernels kDefault{isa_default::process_elements, isa_default::any_nonfinite};
+  constexpr Kernels kAvx2{isa_avx2::process_elements, isa_avx2::any_nonfinite};
+  constexpr Kernels kAvx512{isa_avx512::process_elements, isa_avx512::any_nonfinite};
   const char* forced = std::getenv("WAVG_FUSED_CPU_ISA");
   if (forced != nullptr && *forced != '\0') {
     const std::string isa(forced);
-    if (isa == "default") return isa_default::process_elements;
-    if (isa == "avx2") return isa_avx2::process_elements;
-    if (isa == "avx512") return isa_avx512::process_elements;
+    if (isa == "default") return kDefault;
+    if (isa == "avx2") return kAvx2;
+    if (isa == "avx512") return kAvx512;
     TORCH_CHECK(false, "WAVG_FUSED_CPU_ISA must be default, avx2 or avx512, got ", isa);
   }
   __builtin_cpu_init();
   if (__builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
       __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("avx512dq")) {
-    return isa_avx512::process_elements;
+    return kAvx512;
   }
   if (__builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") && __builtin_cpu_supports("f16c")) {
-    return isa_avx2::process_elements;
+    return kAvx2;
   }
-  return isa_default::process_elements;
+  return kDefault;
 }
 
 // What the kernel will dereference, checked on the host (the table is on the CPU here).
@@ -63,17 +68,31 @@ void check_plan(const at::TensorList flats, const at::Tensor& table) {
   }
 }
 
-// `blocks` and `workspace` serve the CUDA kernel; the CPU splits the element range itself,
-// which balances threads better when tensor sizes differ wildly.
+int64_t* host_counter(const at::Tensor& counter, const char* name) {
+  TORCH_CHECK(counter.device().is_cpu() && counter.scalar_type() == at::kLong && counter.numel() == 1,
+              "wavg_fused.update_: ", name, " must be a one-element CPU int64 tensor");
+  return counter.data_ptr<int64_t>();  // on the host: reading it costs no sync
+}
+
+// `blocks` serves the CUDA kernel; the CPU splits the element range itself, which balances
+// threads better when tensor sizes differ wildly. Of `workspace` only the non-finite flag is used.
 void update_cpu(at::TensorList flats, const at::Tensor& table, const at::Tensor& /*blocks*/,
-                const at::Tensor& n_averaged, const at::Tensor& /*workspace*/, int64_t method,
-                at::ArrayRef<double> params, bool bump, int64_t rounding_seed, int64_t mode) {
-  TORCH_CHECK(mode >= kModeAverage && mode <= kModeSwap, "wavg_fused.update_: unknown mode ", mode);
+                const at::Tensor& n_averaged, const at::Tensor& workspace, int64_t method,
+                at::ArrayRef<double> params, bool bump, int64_t rounding_seed, int64_t mode, bool guard,
+                const std::optional<at::Tensor>& n_skipped) {
+  TORCH_CHECK(mode >= kModeAverage && mode <= kModeCheck, "wavg_fused.update_: unknown mode ", mode);
   TORCH_CHECK(mode == kModeAverage || !bump, "wavg_fused.update_: only mode 0 (average) bumps n_averaged");
   check_plan(flats, table);
-  TORCH_CHECK(n_averaged.device().is_cpu() && n_averaged.scalar_type() == at::kLong && n_averaged.numel() == 1,
-              "wavg_fused.update_: n_averaged must be a one-element CPU int64 tensor");
-  int64_t* counter = n_averaged.data_ptr<int64_t>();  // on the host: reading it costs no sync
+  int64_t* counter = host_counter(n_averaged, "n_averaged");
+  int32_t* flag = nullptr;
+  if (guard || mode == kModeCheck) {
+    TORCH_CHECK(workspace.device().is_cpu() && workspace.scalar_type() == at::kInt && workspace.is_contiguous() &&
+                    workspace.numel() >= kWorkspaceSlots,
+                "wavg_fused.update_: workspace must be a contiguous CPU int32 tensor of ", kWorkspaceSlots,
+                " elements for the non-finite guard");
+    flag = workspace.data_ptr<int32_t>() + kNonfiniteSlot;
+  }
+  int64_t* skipped = n_skipped.has_value() ? host_counter(*n_skipped, "n_skipped") : nullptr;
   const Step k = Step::make(method, method_params(params), *counter, rounding_seed);
 
   const int64_t num_tensors = table.size(0);
@@ -84,16 +103,29 @@ void update_cpu(at::TensorList flats, const at::Tensor& table, const at::Tensor&
   std::vector<char*> flat_bases;
   for (const at::Tensor& flat : flats) flat_bases.push_back(static_cast<char*>(flat.data_ptr()));
 
-  static const ProcessFn process_elements = widest_kernel();
+  static const Kernels kernels = widest_kernels();
+  const PlanView plan{rows, first.data(), num_tensors, flat_bases.data(), k, mode};
+  if (mode == kModeCheck) {
+    std::atomic<bool> found{false};
+    at::parallel_for(0, first.back(), kGrainElems, [&](int64_t begin, int64_t end) {
+      if (!found.load(std::memory_order_relaxed) && kernels.any_nonfinite(plan, begin, end)) found = true;
+    });
+    if (found) *flag = 1;  // ORed in: a model spread over devices combines its parts' flags
+    return;
+  }
+  if (guard && mode == kModeAverage && *flag != 0) {  // skip the whole update: shadow untouched
+    *flag = 0;
+    if (skipped != nullptr) *skipped += 1;
+    return;
+  }
   if (mode == kModeSwap) {
     for (int64_t t = 0; t < num_tensors; ++t) {
       TORCH_CHECK(rows[t * kNumColumns + kModelDtype] == rows[t * kNumColumns + kShadowDtype],
                   "wavg_fused.update_: swap needs equal model and shadow dtypes (tensor ", t, ")");
     }
   }
-  const PlanView plan{rows, first.data(), num_tensors, flat_bases.data(), k, mode};
   at::parallel_for(0, first.back(), kGrainElems,
-                   [&](int64_t begin, int64_t end) { process_elements(plan, begin, end); });
+                   [&](int64_t begin, int64_t end) { kernels.process(plan, begin, end); });
   if (bump) *counter += 1;
 }
 

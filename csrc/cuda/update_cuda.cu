@@ -10,6 +10,8 @@
 #include <c10/util/Half.h>
 #include <torch/library.h>
 
+#include <optional>
+
 #include "../method_params.h"
 #include "../wavg_rule.h"
 
@@ -130,7 +132,7 @@ __global__ void __launch_bounds__(kThreads)
     update_kernel(const int64_t* __restrict__ table, const int64_t* __restrict__ blocks,
                   const __grid_constant__ FlatBases flats,  // indexed in place, not copied to local memory
                   int64_t* n_averaged, unsigned int* blocks_done, int64_t method, MethodParams params, bool bump,
-                  int64_t rounding_seed) {
+                  int64_t rounding_seed, int* nonfinite, int64_t* n_skipped) {
   const int64_t* row = table + blocks[2 * static_cast<int64_t>(blockIdx.x)] * kNumColumns;
   const int64_t begin = blocks[2 * static_cast<int64_t>(blockIdx.x) + 1];
   const int64_t end = min(begin + kBlockElems, row[kNumel]);
@@ -140,8 +142,12 @@ __global__ void __launch_bounds__(kThreads)
   const bool copy = row[kRole] != kAverage;
   const int64_t model_code = row[kModelDtype], shadow_code = row[kShadowDtype];
   char* shadow_base = flats.ptr[row[kFlat]] + row[kShadowOffset] * row[kItemsize];
+  // Guarded: check_kernel ran before on this stream; its flag is the same for every block.
+  const bool skip = nonfinite != nullptr && *nonfinite != 0;
 
-  if (model_code <= kBFloat16 && shadow_code <= kBFloat16) {
+  if (skip) {
+    // the whole update is skipped: no shadow is written
+  } else if (model_code <= kBFloat16 && shadow_code <= kBFloat16) {
     with_float_type(shadow_code, [&](auto shadow_tag) {
       using S = decltype(shadow_tag);
       with_float_type(model_code, [&](auto model_tag) {
@@ -156,16 +162,61 @@ __global__ void __launch_bounds__(kThreads)
                begin * size, end * size, aligned);
   }
 
-  if (bump) {
+  if (bump || nonfinite != nullptr) {
     __syncthreads();
     if (threadIdx.x == 0) {
-      __threadfence();  // this block's reads of n_averaged happened before it counts as done
+      __threadfence();  // this block's reads of n_averaged and the flag happened before it counts as done
       if (atomicAdd(blocks_done, 1u) == gridDim.x - 1) {
-        *n_averaged = n + 1;
+        if (skip) {
+          if (n_skipped != nullptr) *n_skipped += 1;
+          *nonfinite = 0;
+        } else if (bump) {
+          *n_averaged = n + 1;
+        }
         *blocks_done = 0;  // ready for the next launch (and for graph replays)
       }
     }
   }
+}
+
+// Any Inf or NaN among the elements [begin, end) of one tensor, read as raw bits.
+template <typename Bits>
+__device__ bool range_nonfinite(const Bits* values, int64_t begin, int64_t end, bool aligned, Bits exponent) {
+  constexpr int N = 16 / sizeof(Bits);
+  bool found = false;
+  int64_t tail = begin;
+  if (aligned) {  // as in update_range: 16-byte aligned base, begin a multiple of N
+    const int64_t vectors = (end - begin) / N;
+    for (int64_t v = threadIdx.x; v < vectors; v += blockDim.x) {
+      const auto pack = *reinterpret_cast<const Pack<Bits, N>*>(values + begin + v * N);
+#pragma unroll
+      for (int j = 0; j < N; ++j) found |= nonfinite_bits(pack.v[j], exponent);
+    }
+    tail = begin + vectors * N;
+  }
+  for (int64_t i = tail + threadIdx.x; i < end; i += blockDim.x) found |= nonfinite_bits(values[i], exponent);
+  return found;
+}
+
+// kModeCheck: set *nonfinite if an averaged model value is Inf or NaN. A separate pass, because
+// the decision must be known before any block writes a shadow; it reads the model only.
+__global__ void __launch_bounds__(kThreads)
+    check_kernel(const int64_t* __restrict__ table, const int64_t* __restrict__ blocks, int* nonfinite) {
+  const int64_t* row = table + blocks[2 * static_cast<int64_t>(blockIdx.x)] * kNumColumns;
+  if (row[kRole] != kAverage) return;
+  const int64_t begin = blocks[2 * static_cast<int64_t>(blockIdx.x) + 1];
+  const int64_t end = min(begin + kBlockElems, row[kNumel]);
+  const bool aligned = (row[kFlags] & kFlagAligned) != 0;
+  const auto* model = reinterpret_cast<const char*>(row[kModelPtr]);
+  bool found = false;
+  switch (row[kModelDtype]) {
+    case kFloat32: found = range_nonfinite(reinterpret_cast<const uint32_t*>(model), begin, end, aligned, kExponentF32); break;
+    case kFloat64: found = range_nonfinite(reinterpret_cast<const uint64_t*>(model), begin, end, aligned, kExponentF64); break;
+    case kFloat16: found = range_nonfinite(reinterpret_cast<const uint16_t*>(model), begin, end, aligned, kExponentF16); break;
+    case kBFloat16: found = range_nonfinite(reinterpret_cast<const uint16_t*>(model), begin, end, aligned, kExponentBF16); break;
+    default: break;
+  }
+  if (found) *nonfinite = 1;  // every writer stores the same value: no atomic needed
 }
 
 // Modes that write the model (copy_to, swap), kept out of update_kernel: in one kernel the extra
@@ -198,8 +249,9 @@ __global__ void __launch_bounds__(kThreads)
 
 void update_cuda(at::TensorList flats, const at::Tensor& table, const at::Tensor& blocks,
                  const at::Tensor& n_averaged, const at::Tensor& workspace, int64_t method,
-                 at::ArrayRef<double> params, bool bump, int64_t rounding_seed, int64_t mode) {
-  TORCH_CHECK(mode >= kModeAverage && mode <= kModeSwap, "wavg_fused.update_: unknown mode ", mode);
+                 at::ArrayRef<double> params, bool bump, int64_t rounding_seed, int64_t mode, bool guard,
+                 const std::optional<at::Tensor>& n_skipped) {
+  TORCH_CHECK(mode >= kModeAverage && mode <= kModeCheck, "wavg_fused.update_: unknown mode ", mode);
   TORCH_CHECK(mode == kModeAverage || !bump, "wavg_fused.update_: only mode 0 (average) bumps n_averaged");
   TORCH_CHECK(table.is_cuda() && table.scalar_type() == at::kLong && table.is_contiguous() && table.dim() == 2 &&
                   table.size(1) == kNumColumns,
@@ -207,8 +259,14 @@ void update_cuda(at::TensorList flats, const at::Tensor& table, const at::Tensor
   TORCH_CHECK(blocks.is_cuda() && blocks.scalar_type() == at::kLong && blocks.is_contiguous() && blocks.dim() == 2 &&
                   blocks.size(1) == 2,
               "wavg_fused.update_: blocks must be a contiguous CUDA int64 tensor [B, 2]");
-  TORCH_CHECK(workspace.is_cuda() && workspace.scalar_type() == at::kInt && workspace.numel() >= 1,
-              "wavg_fused.update_: workspace must be a CUDA int32 tensor of at least one element");
+  TORCH_CHECK(workspace.is_cuda() && workspace.scalar_type() == at::kInt && workspace.is_contiguous() &&
+                  workspace.numel() >= ((guard || mode == kModeCheck) ? kWorkspaceSlots : 1),
+              "wavg_fused.update_: workspace must be a contiguous CUDA int32 tensor of ", kWorkspaceSlots,
+              " elements (1 without the non-finite guard)");
+  TORCH_CHECK(!n_skipped.has_value() ||
+                  (n_skipped->is_cuda() && n_skipped->scalar_type() == at::kLong && n_skipped->numel() == 1 &&
+                   n_skipped->get_device() == table.get_device()),
+              "wavg_fused.update_: n_skipped must be a one-element int64 tensor on the table's device");
   TORCH_CHECK(n_averaged.is_cuda() && n_averaged.scalar_type() == at::kLong && n_averaged.numel() == 1,
               "wavg_fused.update_: n_averaged must be a one-element CUDA int64 tensor");
   TORCH_CHECK(blocks.get_device() == table.get_device() && n_averaged.get_device() == table.get_device() &&
@@ -222,16 +280,32 @@ void update_cuda(at::TensorList flats, const at::Tensor& table, const at::Tensor
                 "wavg_fused.update_: storage buffers must be contiguous and on the table's device");
     flat_bases.ptr[f] = static_cast<char*>(flats[f].data_ptr());
   }
-  const c10::cuda::CUDAGuard guard(table.device());
+  const c10::cuda::CUDAGuard device_guard(table.device());
   const int64_t num_blocks = blocks.size(0);
-  if (num_blocks == 0) {
-    if (bump) n_averaged.add_(1);  // a plan of empty tensors: nothing to launch but the count
+  if (num_blocks == 0) {  // a plan of empty tensors: nothing to launch but the counts
+    if (mode != kModeAverage) return;
+    if (!guard) {
+      if (bump) n_averaged.add_(1);
+      return;
+    }
+    // the flag can be set here only by a caller combining devices' flags: decide on the device
+    const at::Tensor flag = workspace.narrow(0, kNonfiniteSlot, 1).squeeze(0).to(at::kLong);
+    if (bump) n_averaged.sub_(flag).add_(1);
+    if (n_skipped.has_value()) n_skipped->add_(flag);
+    workspace.narrow(0, kNonfiniteSlot, 1).zero_();
     return;
   }
   TORCH_CHECK(num_blocks < (int64_t{1} << 31), "wavg_fused.update_: too many blocks: ", num_blocks);
   // workspace[0] counts finished blocks; it is zero between launches (the last block resets it).
-  auto* blocks_done = reinterpret_cast<unsigned int*>(workspace.data_ptr<int32_t>());
+  auto* blocks_done = reinterpret_cast<unsigned int*>(workspace.data_ptr<int32_t>() + kBlocksDoneSlot);
+  int* nonfinite = workspace.data_ptr<int32_t>() + kNonfiniteSlot;
   const auto stream = c10::cuda::getCurrentCUDAStream();
+  if (mode == kModeCheck) {
+    check_kernel<<<static_cast<unsigned int>(num_blocks), kThreads, 0, stream>>>(
+        table.data_ptr<int64_t>(), blocks.data_ptr<int64_t>(), nonfinite);
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+    return;
+  }
   if (mode != kModeAverage) {
     transfer_kernel<<<static_cast<unsigned int>(num_blocks), kThreads, 0, stream>>>(
         table.data_ptr<int64_t>(), blocks.data_ptr<int64_t>(), flat_bases, mode);
@@ -240,7 +314,8 @@ void update_cuda(at::TensorList flats, const at::Tensor& table, const at::Tensor
   }
   update_kernel<<<static_cast<unsigned int>(num_blocks), kThreads, 0, stream>>>(
       table.data_ptr<int64_t>(), blocks.data_ptr<int64_t>(), flat_bases, n_averaged.data_ptr<int64_t>(), blocks_done,
-      method, method_params(params), bump, rounding_seed);
+      method, method_params(params), bump, rounding_seed, guard ? nonfinite : nullptr,
+      n_skipped.has_value() ? n_skipped->data_ptr<int64_t>() : nullptr);
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
 

@@ -25,9 +25,17 @@ class Backend(Protocol):
         """``None`` if this backend can update tensors on ``device``, else why not."""
         ...
 
-    def update(
-        self, plan: Plan, method: Method, n_averaged: torch.Tensor, bump: bool, rounding_seed: int = -1
-    ) -> None: ...
+    def update(self, plan: Plan, method: Method, n_averaged: torch.Tensor, bump: bool, rounding_seed: int = -1,
+               guard: bool = False, n_skipped: torch.Tensor | None = None, staged: bool = False) -> None:
+        """With ``guard``, read the flag ``check_nonfinite`` left in ``plan.workspace[1]`` on the
+        device: if set, write no shadow, bump ``n_skipped`` (if given) instead of ``n_averaged``
+        and clear the flag. ``staged``: ``check_nonfinite`` staged the model already."""
+        ...
+
+    def check_nonfinite(self, plan: Plan) -> None:
+        """Stage the model, then set ``plan.workspace[1]`` (on the device, no host read) if an
+        averaged model value is Inf or NaN; never clear it."""
+        ...
 
     def transfer(self, plan: Plan, mode: int) -> None:
         """Write the model tensors of ``plan`` (as staged, see ``Plan.unstage``): ``MODE_COPY_TO_MODEL``

@@ -10,7 +10,7 @@ import torch
 
 from .. import ops  # ImportError without the compiled extension: the registry reports it
 from ..methods import Method
-from ..plan import Plan
+from ..plan import MODE_AVERAGE, MODE_CHECK, Plan
 
 
 class _FusedBackend:
@@ -25,8 +25,10 @@ class _FusedBackend:
             return f"the compiled extension has no {self.device_type} kernel (built without it)"
         return None
 
-    def update(self, plan: Plan, method: Method, n_averaged: torch.Tensor, bump: bool, rounding_seed: int = -1) -> None:
-        plan.stage()
+    def update(self, plan: Plan, method: Method, n_averaged: torch.Tensor, bump: bool, rounding_seed: int = -1,
+               guard: bool = False, n_skipped: torch.Tensor | None = None, staged: bool = False) -> None:
+        if not staged:
+            plan.stage()
         ops.update_(
             plan.flats,
             plan.tensor_table(),
@@ -37,10 +39,19 @@ class _FusedBackend:
             list(method.params),
             bump,
             rounding_seed,
+            MODE_AVERAGE,
+            guard,
+            n_skipped,
         )
 
+    def check_nonfinite(self, plan: Plan) -> None:
+        plan.stage()
+        self._launch_mode(plan, MODE_CHECK)
 
     def transfer(self, plan: Plan, mode: int) -> None:
+        self._launch_mode(plan, mode)
+
+    def _launch_mode(self, plan: Plan, mode: int) -> None:
         table = plan.tensor_table()
         ops.update_(plan.flats, table, plan.block_table(self.block_elems), plan.spare_count, plan.workspace,
                     0, [], False, -1, mode)

@@ -11,12 +11,13 @@ keeps a persistent fp32 buffer per model tensor to widen it into (model-sized me
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 
 import torch
 
 from ..methods import Method
-from ..plan import MODE_COPY_TO_MODEL, ROLE_AVERAGE, Plan
+from ..plan import MODE_COPY_TO_MODEL, NONFINITE_SLOT, ROLE_AVERAGE, Plan
 from ..rounding import stochastic_round_bf16
 
 
@@ -76,10 +77,43 @@ class TorchBackend:
     def unavailable_reason(self, device: torch.device) -> str | None:
         return None
 
-    def update(self, plan: Plan, method: Method, n_averaged: torch.Tensor, bump: bool, rounding_seed: int = -1) -> None:
+    def _prepared(self, plan: Plan) -> _Prepared:
         prepared = plan.backend_cache.get(self.name)
         if prepared is None:
             prepared = plan.backend_cache[self.name] = _prepare(plan)
+        return prepared
+
+    def update(self, plan: Plan, method: Method, n_averaged: torch.Tensor, bump: bool, rounding_seed: int = -1,
+               guard: bool = False, n_skipped: torch.Tensor | None = None, staged: bool = False) -> None:
+        prepared = self._prepared(plan)
+        if not guard:
+            self._write(prepared, plan, method, n_averaged, rounding_seed)
+            if bump:
+                n_averaged.add_(1)
+            return
+        # No kernel to stop early: write the update, then select the old values back where the
+        # flag says skip (a copy of the shadows and one torch.where per tensor, the fallback's price)
+        flag = plan.workspace[NONFINITE_SLOT]
+        skip = flag != 0
+        shadows = [s for group in prepared.copies + prepared.averages for s in group.shadows]
+        before = [s.clone() for s in shadows]
+        self._write(prepared, plan, method, n_averaged, rounding_seed)
+        for shadow, old in zip(shadows, before):
+            torch.where(skip, old, shadow, out=shadow)
+        if bump:
+            n_averaged.sub_(flag).add_(1)
+        if n_skipped is not None:
+            n_skipped.add_(flag)
+        flag.zero_()
+
+    def check_nonfinite(self, plan: Plan) -> None:
+        models = [m for group in self._prepared(plan).averages for m in group.models]
+        if models:  # max |x| propagates NaN and is Inf for an Inf
+            largest = torch.stack([norm.to(plan.device, torch.float32) for norm in torch._foreach_norm(models, math.inf)])
+            found = ~torch.isfinite(largest).all()
+            plan.workspace[NONFINITE_SLOT : NONFINITE_SLOT + 1].bitwise_or_(found.to(torch.int32))
+
+    def _write(self, prepared: _Prepared, plan: Plan, method: Method, n_averaged: torch.Tensor, rounding_seed: int) -> None:
         if prepared.averages:
             step_weight = method.step_weight(n_averaged)
             for weight in prepared.weight_by_dtype.values():
@@ -103,8 +137,6 @@ class TorchBackend:
                     shadow.copy_(stochastic_round_bf16(value, rounding_seed, n_averaged, offset))
                 continue
             torch._foreach_copy_(group.shadows, shadows)
-        if bump:
-            n_averaged.add_(1)
 
     def transfer(self, plan: Plan, mode: int) -> None:
         pairs = [(s, m) for s, m in zip(plan.shadows, plan.readable_models) if s.numel()]

@@ -11,7 +11,7 @@ import os
 import torch
 
 from ..methods import Method
-from ..plan import Plan
+from ..plan import MODE_AVERAGE, MODE_CHECK, Plan
 from ..triton import kernel  # ImportError without Triton: the registry reports it
 
 # NOTE: on a GPU the block follows the plan's typical (median) tensor size, between 1024 and 4096
@@ -43,27 +43,43 @@ class TritonBackend:
             return None if _interpreting() else "runs on CUDA tensors (on the CPU only with TRITON_INTERPRET=1)"
         return f"runs on CUDA tensors, not {device.type}"
 
-    def update(self, plan: Plan, method: Method, n_averaged: torch.Tensor, bump: bool, rounding_seed: int = -1) -> None:
-        cached = plan.backend_cache.get(self.name)
-        if cached is None or cached[0] != method.params:  # once per plan (and method)
+    def _cached(self, plan: Plan, method_params: tuple[float, ...]) -> tuple:
+        """(flat bases, the method's parameters, block, warps) on the plan's device, built once per
+        plan and parameters (a check or transfer between updates does not rebuild the update's)."""
+        cache = plan.backend_cache.get(self.name)
+        if cache is None:
             flat_bases = torch.tensor([f.data_ptr() for f in plan.flats] or [0], dtype=torch.int64)
-            params = torch.zeros(4, dtype=torch.float64)  # MethodParams: 4 slots, unused ones 0
-            params[: len(method.params)] = torch.tensor(method.params, dtype=torch.float64)
             config = (_INTERPRETER_BLOCK, 4) if plan.device.type == "cpu" else _gpu_config(plan.numels)
-            cached = (method.params, flat_bases.to(plan.device), params.to(plan.device), *config)
-            plan.backend_cache[self.name] = cached
-        _, flat_bases, params, block, warps = cached
-        plan.stage()
+            cache = plan.backend_cache[self.name] = (flat_bases.to(plan.device), config, {})
+        flat_bases, config, by_params = cache
+        params = by_params.get(method_params)
+        if params is None:
+            if len(by_params) > 4:  # a method whose parameters keep changing: keep the cache small
+                by_params.clear()
+            host = torch.zeros(4, dtype=torch.float64)  # MethodParams: 4 slots, unused ones 0
+            host[: len(method_params)] = torch.tensor(method_params, dtype=torch.float64)
+            params = by_params[method_params] = host.to(plan.device)
+        return (flat_bases, params, *config)
+
+    def update(self, plan: Plan, method: Method, n_averaged: torch.Tensor, bump: bool, rounding_seed: int = -1,
+               guard: bool = False, n_skipped: torch.Tensor | None = None, staged: bool = False) -> None:
+        flat_bases, params, block, warps = self._cached(plan, tuple(method.params))
+        if not staged:
+            plan.stage()
         kernel.launch(
             plan.tensor_table(), plan.block_table(block), flat_bases, params, n_averaged, plan.workspace,
-            method.code, rounding_seed, bump, block, warps,
+            method.code, rounding_seed, bump, block, warps, MODE_AVERAGE, guard, n_skipped,
         )
 
+    def check_nonfinite(self, plan: Plan) -> None:
+        plan.stage()
+        self._launch_mode(plan, MODE_CHECK)
+
     def transfer(self, plan: Plan, mode: int) -> None:
-        block = _INTERPRETER_BLOCK if plan.device.type == "cpu" else _gpu_config(plan.numels)[0]
-        warps = 4 if plan.device.type == "cpu" else max(4, block // 512)
-        flat_bases = torch.tensor([f.data_ptr() for f in plan.flats] or [0], dtype=torch.int64).to(plan.device)
-        params = torch.zeros(4, dtype=torch.float64, device=plan.device)
+        self._launch_mode(plan, mode)
+
+    def _launch_mode(self, plan: Plan, mode: int) -> None:
+        flat_bases, params, block, warps = self._cached(plan, ())  # reads no method
         kernel.launch(
             plan.tensor_table(), plan.block_table(block), flat_bases, params, plan.spare_count, plan.workspace,
             0, -1, False, block, warps, mode,

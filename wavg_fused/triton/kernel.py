@@ -202,8 +202,26 @@ def _floating(shadow_addr, model_addr, offs, numel, full, w, copy, n, seed, firs
 
 
 @triton.jit
-def _wavg_update_kernel(table_ptr, blocks_ptr, flat_bases_ptr, params_ptr, n_ptr, done_ptr, num_blocks,
-                        method, seed, bump, mode, BLOCK: tl.constexpr, NCOL: tl.constexpr):
+def _nonfinite(model_addr, offs, mask, mcode):
+    # Inf or NaN: every exponent bit set (csrc/wavg_rule.h nonfinite_bits), tested on the raw bits
+    if mcode == 0:
+        bits = tl.load(model_addr.to(tl.pointer_type(tl.int32)) + offs, mask=mask, other=0)
+        found = (bits & 0x7F800000) == 0x7F800000
+    elif mcode == 1:
+        bits = tl.load(model_addr.to(tl.pointer_type(tl.int64)) + offs, mask=mask, other=0)
+        found = (bits & 0x7FF0000000000000) == 0x7FF0000000000000
+    elif mcode == 2:
+        bits = tl.load(model_addr.to(tl.pointer_type(tl.int16)) + offs, mask=mask, other=0).to(tl.int32)
+        found = (bits & 0x7C00) == 0x7C00
+    else:
+        bits = tl.load(model_addr.to(tl.pointer_type(tl.int16)) + offs, mask=mask, other=0).to(tl.int32)
+        found = (bits & 0x7F80) == 0x7F80
+    return tl.max(found.to(tl.int32), axis=0)
+
+
+@triton.jit
+def _wavg_update_kernel(table_ptr, blocks_ptr, flat_bases_ptr, params_ptr, n_ptr, done_ptr, skipped_ptr, num_blocks,
+                        method, seed, bump, mode, guard, has_skipped, BLOCK: tl.constexpr, NCOL: tl.constexpr):
     pid = tl.program_id(0).to(tl.int64)  # int64 before any offset arithmetic
     t = tl.load(blocks_ptr + 2 * pid)
     start = tl.multiple_of(tl.load(blocks_ptr + 2 * pid + 1), BLOCK)  # blocks start at multiples of BLOCK
@@ -226,9 +244,18 @@ def _wavg_update_kernel(table_ptr, blocks_ptr, flat_bases_ptr, params_ptr, n_ptr
     offs = start + tl.arange(0, BLOCK).to(tl.int64)
     mask = offs < numel
     full = start + BLOCK <= numel
+    flag_ptr = done_ptr + 1  # workspace[1]: the non-finite flag (workspace[0] counts finished programs)
+    # set by a mode-3 launch before this one, the same for every program
+    skip = (tl.load(flag_ptr) != 0) & (guard != 0)
 
-    if mode != 0:  # transfers write the model and never bump (the host passes bump = False)
+    if mode == 3:  # check only: flag an Inf or NaN among the averaged model values
+        if (not copy) & (mcode <= 3):
+            if _nonfinite(model_addr, offs, mask, mcode) != 0:
+                tl.store(flag_ptr, 1)
+    elif mode != 0:  # transfers write the model and never bump (the host passes bump = False)
         _transfer(shadow_addr, model_addr, offs, mask, mode, mcode, scode, itemsize)
+    elif skip:
+        pass  # the whole update is skipped: no shadow is written
     elif (mcode <= 3) & (scode <= 3):
         if scode == 0:
             _floating(shadow_addr, model_addr, offs, numel, full, w, copy, n, seed, first, mcode, tl.float32, aligned)
@@ -241,22 +268,40 @@ def _wavg_update_kernel(table_ptr, blocks_ptr, flat_bases_ptr, params_ptr, n_ptr
     else:  # integers, bools and other types: copied as words
         _move_words(shadow_addr, model_addr, offs, mask, itemsize, False)
 
-    if bump:
-        finished = tl.atomic_add(done_ptr, 1)  # acq_rel: this program's read of n came first
+    if bump | guard:
+        finished = tl.atomic_add(done_ptr, 1)  # acq_rel: this program's reads of n and the flag came first
         if finished == num_blocks - 1:
-            tl.store(n_ptr, n + 1)
+            if skip:
+                if has_skipped:
+                    tl.store(skipped_ptr, tl.load(skipped_ptr) + 1)
+                tl.store(flag_ptr, 0)
+            elif bump:
+                tl.store(n_ptr, n + 1)
             tl.store(done_ptr, 0)  # ready for the next launch and for graph replays
 
 
 def launch(table, blocks, flat_bases, params, n_averaged, workspace, method: int, seed: int, bump: bool,
-           block: int, num_warps: int, mode: int = 0) -> None:
-    """Run ``_wavg_update_kernel`` once over the plan (``blocks`` built for ``block`` elements)."""
+           block: int, num_warps: int, mode: int = 0, guard: bool = False, n_skipped=None) -> None:
+    """Run ``_wavg_update_kernel`` once over the plan (``blocks`` built for ``block`` elements).
+
+    ``mode`` 3 sets ``workspace[1]`` if an averaged model value is Inf or NaN; ``guard`` makes
+    the update (mode 0) skip everything when that flag is set, bumping ``n_skipped`` instead.
+    """
     num_blocks = blocks.shape[0]
+    guard = guard and mode == 0
     if num_blocks == 0:
-        if bump:
+        if mode == 0 and guard:  # the flag can be set here only by a caller combining devices' flags
+            flag = workspace[1].long()
+            if bump:
+                n_averaged.sub_(flag).add_(1)
+            if n_skipped is not None:
+                n_skipped.add_(flag)
+            workspace[1].zero_()
+        elif mode == 0 and bump:
             n_averaged.add_(1)
         return
     _wavg_update_kernel[(num_blocks,)](
-        table, blocks, flat_bases, params, n_averaged, workspace, num_blocks, method, seed, bump, mode,
+        table, blocks, flat_bases, params, n_averaged, workspace, n_averaged if n_skipped is None else n_skipped,
+        num_blocks, method, seed, bump, mode, guard, n_skipped is not None,
         BLOCK=block, NCOL=table.shape[1], num_warps=num_warps,
     )

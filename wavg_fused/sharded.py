@@ -1,0 +1,302 @@
+"""Averaging a model whose tensors are DTensors (FSDP2 ``fully_shard``, tensor parallel).
+
+A DTensor is a wrapper: the bytes this rank holds are its local tensor (``to_local()``), and the
+wrapper says how the global tensor is laid over the mesh (``device_mesh``, ``placements``). The
+averaged copy mirrors that exactly: its parameters are DTensors with the model's mesh and
+placements whose local tensors are views into the averager's flat buffers, so a rank stores and
+averages only its own shards (1/world of the model under FSDP2) and ``state_dict()`` hands DTensors
+to ``torch.distributed.checkpoint``. Every update works on local tensors only: one fused launch per
+rank, no collective, and the plan never sees a wrapper (``local_pairs``).
+
+``torch.distributed`` is imported only where a DTensor or an FSDP2 module can already exist (the
+module is in ``sys.modules``), so plain models pay nothing and builds without distributed work.
+"""
+
+from __future__ import annotations
+
+import copy
+import sys
+from collections.abc import Sequence
+
+import torch
+from torch import nn
+
+from .storage import ShadowStorage, aligned_offset, dense_strides, named_tensors
+
+__all__ = [
+    "ShardedCopy",
+    "is_dtensor",
+    "local",
+    "address",
+    "local_pairs",
+    "local_named_tensors",
+    "has_dtensors",
+    "is_fsdp",
+    "reshard_fsdp",
+    "check_supported",
+    "copy_model",
+    "pack_sharded_module",
+]
+
+
+def _dtensor_type() -> type | None:
+    # DTensors exist only once torch.distributed.tensor is imported: no import here, no cost
+    api = sys.modules.get("torch.distributed.tensor._api")
+    return getattr(api, "DTensor", None)
+
+
+def _fsdp_module_type() -> type | None:
+    fully_shard = sys.modules.get("torch.distributed.fsdp._fully_shard._fully_shard")
+    return getattr(fully_shard, "FSDPModule", None)
+
+
+def is_dtensor(tensor: object) -> bool:
+    """Whether ``tensor`` is a ``torch.distributed.tensor.DTensor``.
+
+    >>> is_dtensor(torch.zeros(2))
+    False
+    """
+    cls = _dtensor_type()
+    return cls is not None and isinstance(tensor, cls)
+
+
+def local(tensor: torch.Tensor) -> torch.Tensor:
+    """This rank's local tensor of a DTensor (the same memory, no copy); other tensors as they are."""
+    return tensor._local_tensor if is_dtensor(tensor) else tensor
+
+
+def address(tensor: torch.Tensor) -> int:
+    """Where the bytes are: a DTensor's ``data_ptr()`` is 0, its local tensor's is the real one."""
+    return local(tensor).data_ptr()
+
+
+def has_dtensors(module: nn.Module) -> bool:
+    """Whether any parameter or buffer of ``module`` is a DTensor."""
+    return _dtensor_type() is not None and any(is_dtensor(t) for _, t in named_tensors(module))
+
+
+def local_named_tensors(module: nn.Module) -> list[tuple[str, torch.Tensor]]:
+    """``named_tensors(module)`` with DTensors replaced by their local tensors."""
+    return [(name, local(tensor)) for name, tensor in named_tensors(module)]
+
+
+def _describe(tensor: torch.Tensor) -> str:
+    if is_dtensor(tensor):
+        return f"a DTensor {tuple(tensor.placements)} on {tensor.device_mesh}"
+    return "a plain tensor"
+
+
+def local_pairs(
+    names: Sequence[str], shadows: Sequence[torch.Tensor], models: Sequence[torch.Tensor]
+) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+    """The local tensors of (shadow, model) pairs whose global structure already matched.
+
+    A DTensor shadow pairs only with a DTensor of the same mesh and placements (then their local
+    shards are the same piece of the global tensor); anything else raises ``ValueError`` naming
+    the tensor. An FSDP2 module caught unsharded (its root after an eval forward) is resharded by
+    the averager before it gets here.
+    """
+    if _dtensor_type() is None:  # no DTensor can exist in this process
+        return list(shadows), list(models)
+    local_shadows, local_models = [], []
+    for name, shadow, model in zip(names, shadows, models):
+        shadow_sharded, model_sharded = is_dtensor(shadow), is_dtensor(model)
+        if shadow_sharded or model_sharded:
+            if not (shadow_sharded and model_sharded) or (
+                shadow.device_mesh != model.device_mesh or tuple(shadow.placements) != tuple(model.placements)
+            ):
+                raise ValueError(
+                    f"tensor {name!r}: the model holds {_describe(model)}, the averaged copy "
+                    f"{_describe(shadow)}; average a model sharded as it was when the averager was "
+                    "built (an FSDP2 model with its sharded parameters registered: model.reshard())"
+                )
+            shadow, model = shadow._local_tensor, model._local_tensor
+            if shadow.shape != model.shape:
+                raise ValueError(
+                    f"tensor {name!r}: this rank's model shard has shape {tuple(model.shape)}, the "
+                    f"averaged copy's {tuple(shadow.shape)}"
+                )
+        local_shadows.append(shadow)
+        local_models.append(model)
+    return local_shadows, local_models
+
+
+# ---------------------------------------------------------------------- FSDP2 modules
+def _fsdp_modules(model: nn.Module) -> list[nn.Module]:
+    cls = _fsdp_module_type()
+    return [] if cls is None else [m for m in model.modules() if isinstance(m, cls)]
+
+
+def is_fsdp(model: nn.Module) -> bool:
+    """Whether ``fully_shard`` (FSDP2) was applied to ``model`` or one of its submodules."""
+    return bool(_fsdp_modules(model))
+
+
+def reshard_fsdp(model: nn.Module) -> None:
+    """Register the sharded parameters of every FSDP2 module in ``model`` again.
+
+    FSDP2 swaps a module's parameters for unsharded (all-gathered) ones during forward and
+    leaves the root's unsharded after a forward without backward (evaluation). The average
+    pairs with the shards, so the averager reshards first; the unsharded copies hold nothing
+    the shards do not (optimizers step the shards), and the next forward gathers them again.
+    """
+    for module in _fsdp_modules(model):
+        module.reshard()
+
+
+def check_supported(model: nn.Module) -> None:
+    """Raise ``NotImplementedError`` for sharding schemes whose tensors are not the model's values.
+
+    DeepSpeed ZeRO-3 replaces each parameter with an empty placeholder (its shard lives in
+    ``param.ds_tensor``), and FSDP1 (``FullyShardedDataParallel``) flattens parameters into
+    ``FlatParameter``s: averaging what the module shows would average placeholders.
+    """
+    for name, param in model.named_parameters():
+        if hasattr(param, "ds_id") or hasattr(param, "ds_tensor"):
+            raise NotImplementedError(
+                f"model parameter {name!r} is partitioned by DeepSpeed ZeRO-3, which wavg_fused does not "
+                "support yet: average a ZeRO-1/2 model, or a model sharded with torch's fully_shard (FSDP2)"
+            )
+        if type(param).__name__ == "FlatParameter":
+            raise NotImplementedError(
+                f"model parameter {name!r} is an FSDP1 FlatParameter (FullyShardedDataParallel), which "
+                "wavg_fused does not support: shard with torch.distributed.fsdp.fully_shard (FSDP2) instead"
+            )
+    if type(model).__name__ == "DeepSpeedEngine":
+        raise NotImplementedError(
+            "model is a DeepSpeedEngine: pass engine.module (ZeRO-1/2; ZeRO-3 is not supported yet)"
+        )
+
+
+class ShardedCopy(nn.Module):
+    """The averaged copy of an FSDP2 model: the model's tensors (this rank's shards, as DTensors)
+    under the model's names, without its code.
+
+    ``fully_shard`` modules cannot be deep-copied, and a copy would carry FSDP's hooks and state.
+    Evaluate the average through the FSDP model itself: ``with averager.swapped(model):
+    model(x)``, or ``averager.copy_to(eval_model)`` for a second model sharded the same way.
+    """
+
+    def forward(self, *args: object, **kwargs: object) -> None:
+        raise RuntimeError(
+            "the averaged copy of an FSDP2 (fully_shard) model holds only this rank's shards and none "
+            "of the model's code: evaluate with `with averager.swapped(model): model(x)` (or "
+            "averager.copy_to(eval_model)), or gather a full state dict with "
+            "wavg_fused.distributed.full_state_dict(averager)"
+        )
+
+
+def _skeleton(model: nn.Module) -> ShardedCopy:
+    # Same module paths, same tensor objects (pack_sharded_module replaces every one of them by
+    # a view into new storage, so nothing stays shared), ties kept, persistence kept.
+    root = ShardedCopy()
+    root.train(model.training)
+    copies: dict[int, nn.Module] = {}
+    for path, module in model.named_modules():
+        target = root if not path else nn.Module()
+        target.train(module.training)
+        if path:
+            parent_path, _, attribute = path.rpartition(".")
+            root.get_submodule(parent_path).add_module(attribute, target)
+        copies[id(module)] = target
+        for name, param in module._parameters.items():
+            if param is not None:
+                target.register_parameter(name, param)
+        for name, buffer in module._buffers.items():
+            if buffer is not None:
+                target.register_buffer(name, buffer, persistent=name not in module._non_persistent_buffers_set)
+    return root
+
+
+def copy_model(model: nn.Module) -> nn.Module:
+    """The averaged copy's starting point: ``copy.deepcopy(model)``, or, for a model that FSDP2
+    (``fully_shard``) or composable ``replicate`` made impossible to deep-copy, a ``ShardedCopy``
+    of its tensors. Either way the averager packs the result into its own storage."""
+    if is_fsdp(model):
+        reshard_fsdp(model)  # copy the shards, not an unsharded root left by an eval forward
+        return _skeleton(model)
+    try:
+        return copy.deepcopy(model)
+    except AssertionError as error:  # torch's composable APIs refuse deepcopy with an assertion
+        if "does not support deepcopy" not in str(error):
+            raise
+        return _skeleton(model)
+
+
+# ---------------------------------------------------------------------- storage for local shards
+def pack_sharded_module(
+    module: nn.Module,
+    device: torch.device | str | int | None = None,
+    dtype: torch.dtype | None = None,
+) -> ShadowStorage:
+    """``storage.pack_module`` for a module holding DTensors: the flat buffers hold the *local*
+    tensors; each DTensor is replaced by a new one with the same mesh, placements and global
+    shape whose local tensor is a view into them. Plain tensors are packed as ``pack_module``
+    packs them. Ties stay ties (one new Parameter for all names of a tied one)."""
+    cls = _dtensor_type()
+    unique: dict[int, torch.Tensor] = {}
+    for _, tensor in named_tensors(module):
+        unique.setdefault(id(tensor), tensor)
+    if device is not None:
+        wanted = torch.device(device)
+        for tensor in unique.values():
+            if isinstance(tensor, cls) and wanted.type != tensor.device_mesh.device_type:
+                raise ValueError(
+                    f"device={device!r}: the model is sharded over a {tensor.device_mesh.device_type!r} "
+                    "mesh, and its averaged shards stay on that device type"
+                )
+
+    layout: list[tuple[int, tuple, int]] = []
+    group_sizes: dict[tuple[torch.device, torch.dtype], int] = {}
+    tensor_bytes = 0
+    for key_id, tensor in unique.items():
+        piece = local(tensor)
+        target_dtype = dtype if (dtype is not None and piece.is_floating_point()) else piece.dtype
+        target_device = torch.device(device) if device is not None else piece.device
+        group = (target_device, target_dtype)
+        itemsize = torch.empty((), dtype=target_dtype, device="meta").element_size()
+        offset = aligned_offset(group_sizes.get(group, 0), itemsize)
+        group_sizes[group] = offset + piece.numel()
+        layout.append((key_id, group, offset))
+        tensor_bytes += piece.numel() * itemsize
+
+    flats = {}
+    for group, size in group_sizes.items():
+        itemsize = torch.empty((), dtype=group[1], device="meta").element_size()
+        flats[group] = torch.zeros(aligned_offset(size, itemsize), dtype=group[1], device=group[0])
+    storage = ShadowStorage({(f.device, f.dtype): f for f in flats.values()}, tensor_bytes)
+
+    replacement: dict[int, torch.Tensor] = {}
+    with torch.no_grad():
+        for key_id, group, offset in layout:
+            tensor = unique[key_id]
+            piece = local(tensor)
+            view = flats[group].as_strided(piece.shape, dense_strides(piece), offset)
+            view.copy_(piece)
+            if isinstance(tensor, cls):
+                # run_check=False: no collective; shape and stride given, so nothing is inferred
+                wrapped = cls.from_local(
+                    view, tensor.device_mesh, tensor.placements, run_check=False, shape=tensor.shape, stride=tensor.stride()
+                )
+                if view.numel() and wrapped._local_tensor.data_ptr() != view.data_ptr():
+                    raise RuntimeError("DTensor.from_local copied the local shard; the averager needs a view")
+                view = wrapped
+            replacement[key_id] = view
+
+    parameters: dict[int, nn.Parameter] = {}
+    for submodule in module.modules():
+        for name, param in submodule._parameters.items():
+            if param is None or id(param) not in replacement:
+                continue
+            new = replacement[id(param)]
+            if isinstance(new, cls):
+                # `param.data = dtensor` corrupts a DTensor Parameter (torch 2.14): a new one instead
+                if id(param) not in parameters:
+                    parameters[id(param)] = nn.Parameter(new, requires_grad=param.requires_grad)
+                submodule._parameters[name] = parameters[id(param)]
+            else:
+                param.data = new
+        for name, buffer in submodule._buffers.items():
+            if buffer is not None and id(buffer) in replacement:
+                submodule._buffers[name] = replacement[id(buffer)]
+    return storage
