@@ -130,7 +130,7 @@ def format_rows(rows: list[dict[str, Any]]) -> str:
     """Plain-text table lines for ``rows`` (no header)."""
     lines = []
     for row in rows:
-        case = f"{row['model']:10s} {row['variant']:9s} {row['peer']:18s}"
+        case = f"{row['model']:10s} {row['variant']:9s} {row['peer']:23s}"
         if "unsupported" in row:
             lines.append(f"{case} {'n/a: ' + row['unsupported']}")
             continue
@@ -143,7 +143,7 @@ def format_rows(rows: list[dict[str, Any]]) -> str:
     return "\n".join(lines)
 
 
-HEADER = (f"{'model':10s} {'variant':9s} {'peer':18s} {'median ms':>9s} {'p10 ms':>9s} {'p90 ms':>9s} "
+HEADER = (f"{'model':10s} {'variant':9s} {'peer':23s} {'median ms':>9s} {'p10 ms':>9s} {'p90 ms':>9s} "
           f"{'host ms':>9s} {'launches':>8s} {'GB/s':>7s} {'%limit':>7s} {'speedup':>8s}")
 LEGEND = ("# %limit: 'flat lerp_' median / this median (100% = one torch op over one flat buffer); "
           "speedup: the fastest peer that is not wavg_fused / this; launches: kernels (GPU) or "

@@ -115,14 +115,15 @@ def _installed(module: str) -> bool:
 
 
 class WavgFused:
-    """``wavg_fused.Averager`` pinned to one backend."""
+    """``wavg_fused.Averager`` pinned to one backend; ``guarded``: with ``skip_nonfinite=True``,
+    whose extra cost (a read-only pass over the model) the benchmark reports beside it."""
 
-    def __init__(self, backend: str) -> None:
-        self.backend = backend
-        self.name = f"wavg_fused[{backend}]"
+    def __init__(self, backend: str, guarded: bool = False) -> None:
+        self.backend, self.guarded = backend, guarded
+        self.name = f"wavg_fused[{backend}]" + (" +guard" if guarded else "")
 
     def setup(self, model: nn.Module, dtype: torch.dtype | None) -> None:
-        self.avg = wf.Averager(model, wf.EMA(DECAY), dtype=dtype, backend=self.backend)
+        self.avg = wf.Averager(model, wf.EMA(DECAY), dtype=dtype, backend=self.backend, skip_nonfinite=self.guarded)
 
     def step(self, model: nn.Module) -> None:
         self.avg.update(model)
@@ -151,10 +152,12 @@ class FlatLerp:
 
 
 def make_peers(device: str = "cpu") -> list[Peer]:
-    """All peers: the two baselines, one per available wavg_fused backend, then the limit."""
+    """All peers: the baselines, one per available wavg_fused backend (the first also with the
+    non-finite guard), then the limit."""
     # Triton's CPU interpreter (TRITON_INTERPRET=1, as the tests set) checks kernels; timing it is moot
     interpreted = os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
     wavg = [WavgFused(name) for name in wf.available_backends(device) if not (name == "triton" and interpreted)]
+    wavg.insert(1, WavgFused(wavg[0].backend, guarded=True))  # the guard's cost on the fastest backend
     optional = [peer() for module, peer in (("timm", TimmModelEmaV3), ("ema_pytorch", EmaPytorch)) if _installed(module)]
     return [BlogLoop(), TorchAveragedModel(), *optional, *wavg, FlatLerp()]
 
