@@ -81,6 +81,34 @@ def _adopt(averaged_module: nn.Module, model: nn.Module) -> nn.Module:
     return averaged_module
 
 
+def _checked_device(device: torch.device | str | int | None) -> torch.device | None:
+    if device is None:
+        return None
+    try:
+        device = torch.device(device)
+    except (RuntimeError, TypeError) as error:
+        raise ValueError(f"device must be a torch.device, a device string or index, got {device!r}: {error}") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise RuntimeError(f"device={str(device)!r}: CUDA is not available on this machine")
+    return device
+
+
+def _load_problem(key: str, value: Any, own: torch.Tensor) -> str | None:
+    """Why ``value`` cannot be loaded into the entry ``own`` (None if it can), checked before
+    anything is copied: torch would fail half-way, or cast silently (1.5 into an int64 count)."""
+    if not isinstance(value, torch.Tensor):
+        return f"is a {type(value).__name__}, not a tensor"
+    if value.is_meta:
+        return "is on the meta device (it has no values)"
+    if value.is_complex() and not own.is_complex():
+        return f"is complex ({value.dtype}), expected {own.dtype}"
+    if value.is_floating_point() and not own.is_floating_point():
+        return f"is {value.dtype}, expected an integer {own.dtype}"
+    if key in ("n_averaged", _SKIPPED) and (value.numel() != 1 or int(value) < 0):
+        return f"must be one count >= 0, got {value.tolist()}"
+    return None
+
+
 def _fingerprint(models: list[torch.Tensor], shadows: list[torch.Tensor]) -> tuple[int, ...]:
     # Addresses are host metadata (reading them never syncs a device). A model tensor replaced,
     # moved, re-typed or re-sized through `.data =` or `module.x = ...` gets a new address; an
@@ -157,6 +185,7 @@ class Averager(nn.Module):
         super().__init__()
         if not isinstance(model, nn.Module):
             raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")
+        device = _checked_device(device)
         method = SWA() if method is None else method
         method = getattr(method, "wavg_method", method)  # avg_fns tagged with their fused rule
         if not isinstance(method, Method) and not callable(method):
@@ -308,6 +337,12 @@ class Averager(nn.Module):
                 raise RuntimeError(
                     f"Error loading state_dict for {type(self).__name__}: {key!r} has shape "
                     f"{tuple(value.shape)}, expected {tuple(own[key].shape)}; nothing was loaded"
+                )
+        for key, value in state_dict.items():
+            problem = _load_problem(key, value, own[key]) if key in own and key != _EXTRA_STATE else None
+            if problem:
+                raise RuntimeError(
+                    f"Error loading state_dict for {type(self).__name__}: {key!r} {problem}; nothing was loaded"
                 )
         for key in {_EXTRA_STATE} & optional & state_dict.keys():
             try:

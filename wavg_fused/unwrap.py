@@ -15,6 +15,8 @@ def de_parallel(model: nn.Module) -> nn.Module:
     >>> de_parallel(torch.nn.DataParallel(net)) is net
     True
     """
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")
     while True:
         if isinstance(model, (nn.DataParallel, nn.parallel.DistributedDataParallel)):
             model = model.module
