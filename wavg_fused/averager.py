@@ -20,6 +20,7 @@ from . import swap as _swap
 from .schedule import Action, Schedule
 from .sharded import address, check_supported, copy_model, local_named_tensors, local_pairs, reshard_fsdp
 from .storage import ShadowStorage, named_tensors, pack_module
+from .compiled import check_unmoved
 from .unfused import update_per_tensor
 from .unwrap import de_parallel
 from .watch import AddressWatch
@@ -236,6 +237,9 @@ class Averager(nn.Module):
         self.register_buffer(
             "n_skipped", torch.tensor(0, dtype=torch.long, device=counter_device), persistent=skip_nonfinite
         )
+        # update() calls made inside compiled graphs, which cannot bump the host count _calls without
+        # recompiling each step; folded into _calls when a checkpoint reads it
+        self.register_buffer("_traced_calls", torch.tensor(0, dtype=torch.long, device=counter_device), persistent=False)
         self._reset_caches()
         for flat_device, _ in self._storage.flats:  # an explicit backend that cannot run fails now
             select_backend(self.backend, flat_device)
@@ -295,12 +299,13 @@ class Averager(nn.Module):
     def get_extra_state(self) -> torch.Tensor:
         """The method, its hyperparameters and the schedule's call count as JSON in a uint8 tensor
         (``wavg_fused.method_state``)."""
-        return encode_method(self.method, self._calls)
+        return encode_method(self.method, self._calls + int(self._traced_calls))
 
     def set_extra_state(self, state: Any) -> None:
         """Restore the method and the schedule's call count saved by ``get_extra_state``; warn if
         the method replaces a different one."""
         self._calls = decode_calls(state)
+        self._traced_calls.zero_()
         try:
             method = decode_method(state)
         except UnknownMethodError as error:
@@ -380,6 +385,9 @@ class Averager(nn.Module):
         model = de_parallel(model)
         if self._swap_state is not None:
             raise RuntimeError(f"Averager.update: {_NOT_WHILE_SWAPPED}")
+        if torch.compiler.is_compiling():
+            self._update_traced(model)
+            return
         action = self.schedule.action(self._calls + 1)
         if action is Action.SKIP:
             self._calls += 1
@@ -394,6 +402,30 @@ class Averager(nn.Module):
         if action is Action.AVERAGE and self.write_back_every:
             if self.schedule.averaging_calls(self._calls) % self.write_back_every == 0:
                 _swap.copy_into_model(self._runs)
+
+    def _update_traced(self, model: nn.Module) -> None:
+        """``update`` as ``torch.compile`` traces it: the plans of the last eager update, checked
+        at run time (``compiled.check_unmoved``), then the fused op; no host bookkeeping."""
+        if self._runs is None or self._model_ref() is not model:
+            raise RuntimeError(
+                "Averager.update under torch.compile needs the plans an eager update builds: call "
+                "avg.update(model) once outside the compiled function first (with this model)"
+            )
+        if not isinstance(self.method, Method):
+            raise NotImplementedError("Averager.update under torch.compile: a callable avg_fn runs eagerly only")
+        if self.schedule != Schedule() or self.write_back_every:
+            raise NotImplementedError(
+                "Averager.update under torch.compile: update_after, update_every and write_back_every are "
+                "decided on the host; call update outside the compiled function to use them"
+            )
+        # the model's tensors only: the shadows are views of the flat buffers the op mutates, and
+        # passing both into a graph is aliasing AOTAutograd refuses; only eager code replaces them
+        tensors, addresses = self._watch.current_and_expected()
+        models = len(self._model_slots)
+        if self._runs:
+            check_unmoved(self._runs[0][0].spare_count, tensors[:models], addresses[:models])
+        self._launch(tracking=False)
+        self._traced_calls.add_(1)
 
     def _track(self) -> None:
         # Before averaging starts the average follows the model: a copy, counted nowhere

@@ -51,6 +51,11 @@ class AddressWatch:
         tables_keys = [(table, key) for table, key in slots if is_dtensor(table[key])]
         self._sharded = [(table, key, address(table[key])) for table, key in tables_keys]
 
+    def current_and_expected(self) -> tuple[list[torch.Tensor], list[int]]:
+        """The watched tensors as the modules hold them now, and the addresses they had: for a
+        check that runs later, inside a compiled graph (``compiled.check_unmoved``)."""
+        return [table[key] for table, key in zip(self._tables, self._keys)], self._expected_list
+
     def moved(self) -> bool:
         if self._sharded and _local_moved(self._sharded):
             return True
