@@ -97,3 +97,81 @@ def test_cpu_average_of_cuda_model_uses_staging(method):
     for _ in range(3):
         avg.update(model)
     torch.testing.assert_close(avg.module[0].weight, model[0].weight.cpu())
+
+
+@pytest.mark.parametrize("backend", CUDA_BACKENDS)
+def test_graph_replay_with_the_nonfinite_guard(backend, method):
+    """A captured guarded update decides on the device at every replay: a NaN replay is skipped
+    (n_skipped bumped), the finite ones average, exactly as eager updates do."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(33, 65), nn.BatchNorm1d(65), nn.Linear(65, 3)).cuda()
+    eager = wf.Averager(model, method, backend=backend, skip_nonfinite=True)
+    graphed = wf.Averager(model, method, backend=backend, skip_nonfinite=True)
+    for avg in (eager, graphed):
+        avg.update(model)
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):
+        graphed.update(model)
+    torch.cuda.current_stream().wait_stream(stream)
+    eager.update(model)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        graphed.update(model)
+    for step in range(6):
+        with torch.no_grad():
+            for p in model.parameters():
+                p.add_(0.01 * (step + 1))
+            model[0].weight[0, 0] = float("nan") if step in (2, 3) else 0.5
+        graph.replay()
+        eager.update(model)
+    torch.cuda.synchronize()
+    assert (int(graphed.n_averaged), int(graphed.n_skipped)) == (int(eager.n_averaged), int(eager.n_skipped)) == (6, 2)
+    for (name, a), b in zip(graphed.module.state_dict().items(), eager.module.state_dict().values()):
+        assert torch.equal(a, b), name
+
+
+@pytest.mark.parametrize("backend", CUDA_BACKENDS)
+def test_update_on_a_side_stream(backend):
+    """The contract: update() enqueues on the current stream. A training step on a side stream is
+    averaged correctly when the update runs on that stream, or on another that waits for it."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(256, 256), nn.Linear(256, 256)).cuda()
+    on_side, waiting = wf.Averager(model, wf.EMA(0.5), backend=backend), wf.Averager(model, wf.EMA(0.5), backend=backend)
+    reference: dict[str, torch.Tensor] = {}
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    for step in range(4):
+        with torch.cuda.stream(side):
+            torch.cuda._sleep(2_000_000)  # a long step: an unordered update would read stale weights
+            with torch.no_grad():
+                for p in model.parameters():
+                    p.add_(1.0)
+            on_side.update(model)
+        torch.cuda.current_stream().wait_stream(side)
+        waiting.update(model)
+        for name, p in model.named_parameters():  # w_0 = 1 (a copy), then EMA(0.5)
+            value = p.detach()
+            reference[name] = value.clone() if step == 0 else reference[name] + 0.5 * (value - reference[name])
+    torch.cuda.synchronize()
+    for name, value in reference.items():
+        torch.testing.assert_close(dict(on_side.module.named_parameters())[name], value, msg=name)
+        torch.testing.assert_close(dict(waiting.module.named_parameters())[name], value, msg=name)
+
+
+@pytest.mark.parametrize("backend", [b for b in CUDA_BACKENDS if b != "triton"])
+def test_compiled_update_on_cuda(backend, method):
+    model = nn.Sequential(nn.Linear(64, 64), nn.BatchNorm1d(64)).cuda()
+    compiled_avg = wf.Averager(model, method, backend=backend, use_buffers=True)
+    eager_avg = wf.Averager(model, method, backend=backend, use_buffers=True)
+    compiled_avg.update(model)
+    eager_avg.update(model)
+    update = torch.compile(lambda: compiled_avg.update(model), fullgraph=True)
+    for _ in range(4):
+        with torch.no_grad():
+            for p in model.parameters():
+                p.add_(torch.randn_like(p))
+        update()
+        eager_avg.update(model)
+    for (name, a), b in zip(compiled_avg.state_dict().items(), eager_avg.state_dict().values()):
+        assert torch.equal(a, b), name
