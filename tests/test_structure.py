@@ -148,3 +148,27 @@ def test_misaligned_model_views_are_flagged_and_still_exact(backend):
         model.w.add_(2.0)
     avg.update(model)
     torch.testing.assert_close(avg.module.w, model.w - 1.0)
+
+
+
+@pytest.mark.parametrize("walk", ["compiled", "python"])
+def test_a_replaced_submodule_is_averaged_from_then_on(backend, walk, monkeypatch):
+    """``model.fc = nn.Linear(...)`` leaves the old module's tensors alive at their addresses: the
+    watch must see the parent's entry change, or the update keeps averaging the old weights."""
+    from wavg_fused import watch
+
+    if walk == "python":
+        monkeypatch.setattr(watch, "_first_moved", None)
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(3, 4), nn.Sequential(nn.Linear(4, 2)))
+    avg = wf.Averager(model, wf.SWA(), backend=backend)
+    avg.update(model)
+    expected = model[1][0].weight.detach().clone()
+    model[1][0] = nn.Linear(4, 2)  # a grandchild, replaced in its parent
+    avg.update(model)
+    expected = expected + (model[1][0].weight.detach() - expected) / 2
+    torch.testing.assert_close(avg.module[1][0].weight, expected)
+    model[1] = nn.Sequential(nn.Linear(4, 2))  # a whole branch
+    avg.update(model)
+    expected = expected + (model[1][0].weight.detach() - expected) / 3
+    torch.testing.assert_close(avg.module[1][0].weight, expected)

@@ -53,6 +53,12 @@ def _slots(module: nn.Module) -> tuple[list[str], list[tuple[dict, str]]]:
     return names, slots
 
 
+def _module_slots(module: nn.Module) -> list[tuple[dict, str]]:
+    """(parent's ``_modules`` dict, key) of every submodule: replacing one (``model.fc = ...``)
+    changes what the tensor slots, which point into the old module's dicts, cannot show."""
+    return [(parent._modules, key) for parent in module.modules() for key, child in parent._modules.items() if child is not None]
+
+
 def _excluded(name: str, exclude: tuple[str, ...]) -> bool:
     """Whether ``name`` is an ``exclude`` entry or lies under one (a module prefix)."""
     return any(name == entry or name.startswith(entry + ".") for entry in exclude)
@@ -654,7 +660,7 @@ class Averager(nn.Module):
         key = _fingerprint(models, shadows)
         if key != self._plan_key:
             self._build_plans(models, shadows, key)
-        self._watch = AddressWatch(self._model_slots + self._shadow_slots)
+        self._watch = AddressWatch(self._model_slots + self._shadow_slots, _module_slots(model))
 
     def _shadow_tensors(self) -> list[torch.Tensor]:
         if self._shadow_slots is None:
@@ -662,7 +668,8 @@ class Averager(nn.Module):
         return _read(self._shadow_slots)
 
     def _model_tensors(self, model: nn.Module) -> list[torch.Tensor]:
-        if self._model_ref is not None and self._model_ref() is model:
+        stale = self._watch is not None and self._watch.modules_replaced()  # slots in a replaced module's dicts
+        if self._model_ref is not None and self._model_ref() is model and not stale:
             try:
                 return _read(self._model_slots)
             except KeyError:  # a tensor was removed from the model: check the structure again

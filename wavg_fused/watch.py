@@ -1,6 +1,8 @@
 """Knowing, every update, whether the plan still describes the model: the addresses of all model
 and shadow tensors, looked up where the modules keep them, against the addresses the plan was
-built for. Host metadata only: no device is ever synchronised.
+built for, and the identity of every submodule (``model.fc = nn.Linear(...)`` leaves the old
+module's tensors where they were, so only the parent's ``_modules`` entry shows the change).
+Host metadata only: no device is ever synchronised.
 
 With the compiled extension this walk runs in C++ (about 10 ns a tensor); without it, in Python.
 """
@@ -18,7 +20,12 @@ except ImportError:  # no compiled extension: the Python walk below
 
 __all__ = ["AddressWatch"]
 
-Slot = tuple[dict, str]  # (a module's _parameters or _buffers dict, the key in it)
+Slot = tuple[dict, str]  # (a module's _parameters, _buffers or _modules dict, the key in it)
+
+
+def _identity(value: object) -> int:
+    # what first_moved compares: a tensor's data address, anything else's id()
+    return value.data_ptr() if isinstance(value, torch.Tensor) else id(value)
 
 
 def _local_moved(sharded: list[tuple[dict, str, int]]) -> bool:
@@ -42,19 +49,32 @@ class AddressWatch:
     True
     """
 
-    def __init__(self, slots: list[Slot]) -> None:
+    def __init__(self, slots: list[Slot], module_slots: list[Slot] = ()) -> None:
+        """``slots`` hold tensors (watched by address), ``module_slots`` submodules (by identity)."""
+        self._tensor_count = len(slots)
+        slots = list(slots) + list(module_slots)
         self._tables = [table for table, _ in slots]
         self._keys = [key for _, key in slots]
-        self._expected_list = [table[key].data_ptr() for table, key in slots]
+        self._expected_list = [_identity(table[key]) for table, key in slots]
         self._expected = torch.tensor(self._expected_list, dtype=torch.int64)
         # A DTensor's own data_ptr() is 0 whatever it holds: its local tensor is watched too
-        tables_keys = [(table, key) for table, key in slots if is_dtensor(table[key])]
+        tables_keys = [(table, key) for table, key in slots[: self._tensor_count] if is_dtensor(table[key])]
         self._sharded = [(table, key, address(table[key])) for table, key in tables_keys]
 
     def current_and_expected(self) -> tuple[list[torch.Tensor], list[int]]:
         """The watched tensors as the modules hold them now, and the addresses they had: for a
         check that runs later, inside a compiled graph (``compiled.check_unmoved``)."""
-        return [table[key] for table, key in zip(self._tables, self._keys)], self._expected_list
+        count = self._tensor_count
+        return [table[key] for table, key in zip(self._tables[:count], self._keys[:count])], self._expected_list[:count]
+
+    def modules_replaced(self) -> bool:
+        """Whether a watched submodule slot holds another module now (the tensors' slots, which
+        point into the old modules' dicts, are then stale)."""
+        count = self._tensor_count
+        return any(
+            table.get(key) is None or id(table[key]) != expected
+            for table, key, expected in zip(self._tables[count:], self._keys[count:], self._expected_list[count:])
+        )
 
     def moved(self) -> bool:
         if self._sharded and _local_moved(self._sharded):
@@ -62,7 +82,7 @@ class AddressWatch:
         if _first_moved is not None:
             return _first_moved(self._tables, self._keys, self._expected) >= 0
         try:
-            current = [table[key].data_ptr() for table, key in zip(self._tables, self._keys)]
+            current = [_identity(table[key]) for table, key in zip(self._tables, self._keys)]
         except (KeyError, AttributeError):
             return True
         return current != self._expected_list
