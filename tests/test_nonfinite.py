@@ -188,3 +188,18 @@ def test_torch_and_fused_backends_skip_the_same_updates(method_name):
     assert (int(fused.n_averaged), int(fused.n_skipped)) == (int(plain.n_averaged), int(plain.n_skipped)) == (4, 2)
     for (name, a), b in zip(fused.module.state_dict().items(), plain.module.state_dict().values()):
         torch.testing.assert_close(a, b, rtol=2 * torch.finfo(torch.float32).eps, atol=1e-7, msg=name)
+
+
+def test_the_wrappers_pass_the_guard_on():
+    model = _model(torch.float32)
+    opt = wf.optim.WeightAverage(torch.optim.SGD(model.parameters(), lr=0.1), "ema", skip_nonfinite=True)
+    opt.update()
+    swa = wf.AveragedModel(model, skip_nonfinite=True)  # n_averaged on the CPU, as torch keeps it
+    swa.update_parameters(model)
+    with torch.no_grad():
+        model[0].weight[0, 0] = float("inf")
+    opt.update()
+    swa.update_parameters(model)
+    assert (int(opt.averager.n_averaged), int(opt.averager.n_skipped)) == (1, 1)
+    assert (int(swa.n_averaged), int(swa.n_skipped)) == (1, 1)
+    assert "n_skipped" in swa.state_dict()

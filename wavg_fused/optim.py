@@ -45,7 +45,8 @@ class WeightAverage(torch.optim.Optimizer):
     ``start`` steps were taken, and, if ``swa_lr`` is given, drives the learning rate with
     torch's ``SWALR`` from step ``start`` on. ``swap()`` exchanges the averaged and the current
     weights in place (call it again to swap back); ``bn_update`` recomputes BatchNorm
-    statistics for the weights now in the model (torch's ``update_bn``).
+    statistics for the weights now in the model (torch's ``update_bn``). ``skip_nonfinite``,
+    ``backend`` and ``dtype`` are ``Averager``'s.
 
     Differences from seed post 002: the first update copies the weights (the post's EMA started
     from zeros, biasing early averages towards 0), and the averaged state is one flat buffer
@@ -74,6 +75,7 @@ class WeightAverage(torch.optim.Optimizer):
         anneal_strategy: str = "cos",
         backend: str = "auto",
         dtype: torch.dtype | None = None,
+        skip_nonfinite: bool = False,
     ) -> None:
         if not isinstance(optimizer, torch.optim.Optimizer):
             raise TypeError(f"optimizer must be a torch.optim.Optimizer, got {type(optimizer).__name__}")
@@ -103,7 +105,7 @@ class WeightAverage(torch.optim.Optimizer):
         self.steps = 0
         self._swa_scheduler: SWALR | None = None
         self._params = _Parameters(_unique_params(optimizer))
-        self.averager = Averager(self._params, method, backend=backend, dtype=dtype)
+        self.averager = Averager(self._params, method, backend=backend, dtype=dtype, skip_nonfinite=skip_nonfinite)
 
     @property
     def n_averaged(self) -> torch.Tensor:

@@ -209,7 +209,8 @@ class AveragedModel(Averager):
         model, device, avg_fn, multi_avg_fn, use_buffers: as in torch. ``device`` places the
             averaged copy and ``n_averaged`` (which stays on the CPU when ``device`` is None,
             as in torch, also for a GPU model).
-        backend, dtype, averaged_module: keyword-only, as in ``Averager``.
+        backend, dtype, averaged_module, skip_nonfinite: keyword-only, as in ``Averager``
+            (``n_skipped`` joins the state dict only with ``skip_nonfinite=True``).
     """
 
     def __init__(
@@ -223,6 +224,7 @@ class AveragedModel(Averager):
         backend: str = "auto",
         dtype: torch.dtype | None = None,
         averaged_module: nn.Module | None = None,
+        skip_nonfinite: bool = False,
     ) -> None:
         if avg_fn is not None and multi_avg_fn is not None:
             raise AssertionError("Only one of avg_fn and multi_avg_fn should be provided")
@@ -234,9 +236,11 @@ class AveragedModel(Averager):
             dtype=dtype,
             backend=backend,
             averaged_module=averaged_module,
+            skip_nonfinite=skip_nonfinite,
         )
         self.__dict__["_avg_fn"], self.__dict__["_multi_avg_fn"] = avg_fn, multi_avg_fn
         self.n_averaged = torch.tensor(0, dtype=torch.long, device=device)
+        self.n_skipped = torch.tensor(0, dtype=torch.long, device=device)  # bumped next to n_averaged
 
     # torch's state dict has no extra state; without it torch loads ours strictly
     get_extra_state = nn.Module.get_extra_state
