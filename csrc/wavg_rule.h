@@ -112,8 +112,10 @@ struct Step {
   }
   template <typename T>
   C10_HOST_DEVICE T weight() const { return static_cast<T>(w); }
+  // 1 - w rounded as torch.lerp rounds it: from the weight in T, not from the double (they differ
+  // by an ulp for most w >= 0.5, and EMA/SWA promise torch's lerp bit for bit)
   template <typename T>
-  C10_HOST_DEVICE T one_minus() const { return static_cast<T>(1.0 - w); }
+  C10_HOST_DEVICE T one_minus() const { return static_cast<T>(1) - static_cast<T>(w); }
 };
 
 // ---- stochastic rounding to bfloat16 -------------------------------------------------------

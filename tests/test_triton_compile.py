@@ -18,8 +18,8 @@ from wavg_fused.plan import COLUMNS
 from wavg_fused.triton.kernel import _wavg_update_kernel
 signature = {
     "table_ptr": "*i64", "blocks_ptr": "*i64", "flat_bases_ptr": "*i64", "params_ptr": "*fp64",
-    "n_ptr": "*i64", "done_ptr": "*i32", "num_blocks": "i32", "method": "i32", "seed": "i64", "bump": "i1",
-    "mode": "i32",
+    "n_ptr": "*i64", "done_ptr": "*i32", "skipped_ptr": "*i64", "num_blocks": "i32", "method": "i32",
+    "seed": "i64", "bump": "i1", "mode": "i32", "guard": "i1", "has_skipped": "i1",
     "BLOCK": "constexpr", "NCOL": "constexpr",
 }
 source = ASTSource(fn=_wavg_update_kernel, signature=signature, constexprs={"BLOCK": 4096, "NCOL": len(COLUMNS)})

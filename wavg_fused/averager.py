@@ -18,7 +18,7 @@ from .methods import SWA, Method
 from .plan import NONFINITE_SLOT, ROLE_AVERAGE, ROLE_COPY, Plan, check_structure
 from . import swap as _swap
 from .schedule import Action, Schedule
-from .sharded import address, check_supported, copy_model, local_named_tensors, local_pairs, reshard_fsdp
+from .sharded import address, check_supported, copy_model, local, local_named_tensors, local_pairs, reshard_fsdp
 from .storage import ShadowStorage, named_tensors, pack_module
 from .compiled import check_unmoved
 from .unfused import update_per_tensor
@@ -81,8 +81,8 @@ def _adopt(averaged_module: nn.Module, model: nn.Module) -> nn.Module:
     except ValueError as error:
         raise ValueError(f"averaged_module does not match the model: {error}") from None
     # it becomes storage we write on every update: sharing memory with the model would corrupt it
-    model_memory = {m.data_ptr() for m in models if m.numel()}
-    shared = [n for n, s in zip(shadow_names, shadows) if s.numel() and s.data_ptr() in model_memory]
+    model_memory = {local(m).data_ptr() for m in models if local(m).numel()}  # a DTensor's bytes: its shard
+    shared = [n for n, s in zip(shadow_names, shadows) if local(s).numel() and local(s).data_ptr() in model_memory]
     if averaged_module is model or shared:
         raise ValueError(f"averaged_module must be a separate module; it shares {shared[:3] or 'everything'} with the model")
     return averaged_module
@@ -116,11 +116,11 @@ def _load_problem(key: str, value: Any, own: torch.Tensor) -> str | None:
     return None
 
 
-def _fingerprint(models: list[torch.Tensor], shadows: list[torch.Tensor]) -> tuple[int, ...]:
-    # Addresses are host metadata (reading them never syncs a device). A model tensor replaced,
-    # moved, re-typed or re-sized through `.data =` or `module.x = ...` gets a new address; an
-    # in-place `set_` that keeps the address is the one change this does not see.
-    return tuple(map(address, models + shadows))  # a DTensor's bytes are its local tensor's
+def _fingerprint(models: list[torch.Tensor], shadows: list[torch.Tensor]) -> tuple:
+    # Host metadata only (reading it never syncs a device): where each tensor's bytes are (a
+    # DTensor's are its local tensor's) and how they are viewed, since `p.data = p.data.t()` or a
+    # `.view()` of another shape keeps the address.
+    return tuple((address(t), t.dtype, t.shape, t.stride()) for t in models + shadows)
 
 
 class Averager(nn.Module):

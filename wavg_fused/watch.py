@@ -15,8 +15,9 @@ from .sharded import address, is_dtensor
 
 try:
     from ._C import first_moved as _first_moved
+    from ._C import record_layouts as _record_layouts
 except ImportError:  # no compiled extension: the Python walk below
-    _first_moved = None
+    _first_moved = _record_layouts = None
 
 __all__ = ["AddressWatch"]
 
@@ -26,6 +27,12 @@ Slot = tuple[dict, str]  # (a module's _parameters, _buffers or _modules dict, t
 def _identity(value: object) -> int:
     # what first_moved compares: a tensor's data address, anything else's id()
     return value.data_ptr() if isinstance(value, torch.Tensor) else id(value)
+
+
+def _layout(value: object) -> tuple | None:
+    # the Python walk's view of a tensor: the same address seen through another view
+    # (``p.data = p.data.t()``) is a change too
+    return (value.dtype, value.shape, value.stride()) if isinstance(value, torch.Tensor) else None
 
 
 def _local_moved(sharded: list[tuple[dict, str, int]]) -> bool:
@@ -57,6 +64,8 @@ class AddressWatch:
         self._keys = [key for _, key in slots]
         self._expected_list = [_identity(table[key]) for table, key in slots]
         self._expected = torch.tensor(self._expected_list, dtype=torch.int64)
+        self._layouts_list = [_layout(table[key]) for table, key in slots]
+        self._layouts = _record_layouts(self._tables, self._keys) if _record_layouts is not None else None
         # A DTensor's own data_ptr() is 0 whatever it holds: its local tensor is watched too
         tables_keys = [(table, key) for table, key in slots[: self._tensor_count] if is_dtensor(table[key])]
         self._sharded = [(table, key, address(table[key])) for table, key in tables_keys]
@@ -80,9 +89,9 @@ class AddressWatch:
         if self._sharded and _local_moved(self._sharded):
             return True
         if _first_moved is not None:
-            return _first_moved(self._tables, self._keys, self._expected) >= 0
+            return _first_moved(self._tables, self._keys, self._expected, self._layouts) >= 0
         try:
-            current = [_identity(table[key]) for table, key in zip(self._tables, self._keys)]
-        except (KeyError, AttributeError):
+            values = [table[key] for table, key in zip(self._tables, self._keys)]
+        except KeyError:
             return True
-        return current != self._expected_list
+        return list(map(_identity, values)) != self._expected_list or list(map(_layout, values)) != self._layouts_list

@@ -90,7 +90,7 @@ def _update_elements(shadow_ptr, model_ptr, offs, mask, w, copy, n, seed, first,
     else:
         x = m.to(op)
         s = tl.load(shadow_ptr + offs, mask=mask).to(op)
-        value = tl.where(w < 0.5, s + w.to(op) * (x - s), x - (x - s) * (1.0 - w).to(op))
+        value = tl.where(w < 0.5, s + w.to(op) * (x - s), x - (x - s) * (1.0 - w.to(op)))
         if S == tl.bfloat16:
             if seed >= 0:
                 tl.store(shadow_ptr + offs, _stochastic_bf16(value, first + offs, n, seed), mask=mask)
@@ -202,21 +202,23 @@ def _floating(shadow_addr, model_addr, offs, numel, full, w, copy, n, seed, firs
 
 
 @triton.jit
+def _exponent_all_ones(bits_ptr, offs, mask, exponent):
+    # 1 if an element's exponent bits are all set (Inf or NaN: csrc/wavg_rule.h nonfinite_bits)
+    bits = tl.load(bits_ptr + offs, mask=mask, other=0)
+    return tl.max(((bits & exponent) == exponent).to(tl.int32), axis=0)
+
+
+@triton.jit
 def _nonfinite(model_addr, offs, mask, mcode):
-    # Inf or NaN: every exponent bit set (csrc/wavg_rule.h nonfinite_bits), tested on the raw bits
     if mcode == 0:
-        bits = tl.load(model_addr.to(tl.pointer_type(tl.int32)) + offs, mask=mask, other=0)
-        found = (bits & 0x7F800000) == 0x7F800000
+        found = _exponent_all_ones(model_addr.to(tl.pointer_type(tl.int32)), offs, mask, 0x7F800000)
     elif mcode == 1:
-        bits = tl.load(model_addr.to(tl.pointer_type(tl.int64)) + offs, mask=mask, other=0)
-        found = (bits & 0x7FF0000000000000) == 0x7FF0000000000000
+        found = _exponent_all_ones(model_addr.to(tl.pointer_type(tl.int64)), offs, mask, 0x7FF0000000000000)
     elif mcode == 2:
-        bits = tl.load(model_addr.to(tl.pointer_type(tl.int16)) + offs, mask=mask, other=0).to(tl.int32)
-        found = (bits & 0x7C00) == 0x7C00
+        found = _exponent_all_ones(model_addr.to(tl.pointer_type(tl.int16)), offs, mask, 0x7C00)
     else:
-        bits = tl.load(model_addr.to(tl.pointer_type(tl.int16)) + offs, mask=mask, other=0).to(tl.int32)
-        found = (bits & 0x7F80) == 0x7F80
-    return tl.max(found.to(tl.int32), axis=0)
+        found = _exponent_all_ones(model_addr.to(tl.pointer_type(tl.int16)), offs, mask, 0x7F80)
+    return found
 
 
 @triton.jit
