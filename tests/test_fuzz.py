@@ -649,3 +649,53 @@ def test_rebinding_to_a_reshaped_view_of_the_same_memory_raises(backend):
     model.p.data = model.p.data.view(3, 2)
     with pytest.raises(ValueError, match="shape"):
         avg.update(model)
+
+
+# ------------------------------------------------------------------------------ the non-finite guard
+def _poison(tensor: torch.Tensor, index: int, value: float) -> float:
+    """Write ``value`` at flat position ``index`` of ``tensor`` through its storage (any strides,
+    expanded ones too); return what was there."""
+    position = torch.unravel_index(torch.tensor(index), tensor.shape)
+    offset = tensor.storage_offset() + sum(int(i) * s for i, s in zip(position, tensor.stride()))
+    element = torch.as_strided(tensor.detach(), (), (), offset)
+    old = element.item()
+    with torch.no_grad():
+        element.fill_(value)
+    return old
+
+
+@settings(max_examples=200, **FUZZ_SETTINGS)
+@given(scenario=scenarios(max_steps=2), data=st.data())
+def test_fuzz_nonfinite_guard_skips_everything(scenario, data):
+    """One Inf or NaN anywhere among the averaged values of a random model: every backend leaves
+    every shadow byte as it was and counts the skip; with the value restored, it averages again."""
+    world = World(scenario)
+    model = world.root
+    backends = NON_TRITON + (["triton"] if "triton" in CPU_BACKENDS and data.draw(st.integers(0, 4)) == 0 else [])
+    averagers = {
+        b: wf.Averager(model, scenario.method, use_buffers=scenario.use_buffers, dtype=scenario.dtype, backend=b,
+                       skip_nonfinite=True)
+        for b in backends
+    }
+    for avg in averagers.values():
+        avg.update(model)
+    some = next(iter(averagers.values()))
+    tensors = dict(named_tensors(model))
+    averaged = [name for name, role in some._roles_by_name().items() if role == 1 and tensors[name].numel()]
+    if not averaged:
+        return
+    name = data.draw(st.sampled_from(sorted(averaged)))
+    index = data.draw(st.integers(0, tensors[name].numel() - 1))
+    old = _poison(tensors[name], index, data.draw(st.sampled_from([math.nan, math.inf, -math.inf])))
+    for backend, avg in averagers.items():
+        before = {k: v.detach().clone() for k, v in avg.module.state_dict().items()}
+        avg.update(model)
+        for key, value in avg.module.state_dict().items():
+            # into fresh dense memory: .contiguous() keeps a size-1 tensor's odd stride
+            bits, old_bits = (torch.empty(t.shape, dtype=t.dtype).copy_(t).view(-1).view(torch.uint8) for t in (value, before[key]))
+            assert bits.equal(old_bits), (backend, key)
+        assert (int(avg.n_averaged), int(avg.n_skipped)) == (1, 1), backend
+    _poison(tensors[name], index, old)
+    for backend, avg in averagers.items():
+        avg.update(model)
+        assert (int(avg.n_averaged), int(avg.n_skipped)) == (2, 1), backend
