@@ -8,6 +8,7 @@
 
 from . import optim
 from .averager import Averager
+from . import distributed
 from .backends import available_backends, backend_report
 from .blog import (
     AveragingBaseModel,
@@ -49,4 +50,5 @@ __all__ = [
     "get_t_adema_fn",
     "get_t_adema",
     "optim",
+    "distributed",
 ]

@@ -128,7 +128,9 @@ class Averager(nn.Module):
 
     Args:
         model: the model to average (DataParallel, DDP and ``torch.compile`` wrappers are
-            unwrapped). It is deep-copied; the copy is ``self.module``.
+            unwrapped). It is deep-copied; the copy is ``self.module``. Of an FSDP2
+            (``fully_shard``) model only this rank's shards are kept, as DTensors, in a
+            ``ShardedCopy`` (no forward: evaluate with ``swapped(model)``; docs/distributed.md).
         method: an averaging rule (``EMA(decay)``, ``SWA()``, ``TADEMA(alpha)``) or any per-tensor
             function ``avg_fn(averaged, model, n_averaged)`` (unfused, the slow path).
         use_buffers: average floating-point buffers like parameters. If ``False``, buffers are

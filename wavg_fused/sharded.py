@@ -149,7 +149,8 @@ def check_supported(model: nn.Module) -> None:
 
     DeepSpeed ZeRO-3 replaces each parameter with an empty placeholder (its shard lives in
     ``param.ds_tensor``), and FSDP1 (``FullyShardedDataParallel``) flattens parameters into
-    ``FlatParameter``s: averaging what the module shows would average placeholders.
+    ``FlatParameter``s: averaging what the module shows would average placeholders or flat
+    shards under names no unsharded model has.
     """
     for name, param in model.named_parameters():
         if hasattr(param, "ds_id") or hasattr(param, "ds_tensor"):
@@ -157,11 +158,14 @@ def check_supported(model: nn.Module) -> None:
                 f"model parameter {name!r} is partitioned by DeepSpeed ZeRO-3, which wavg_fused does not "
                 "support yet: average a ZeRO-1/2 model, or a model sharded with torch's fully_shard (FSDP2)"
             )
-        if type(param).__name__ == "FlatParameter":
-            raise NotImplementedError(
-                f"model parameter {name!r} is an FSDP1 FlatParameter (FullyShardedDataParallel), which "
-                "wavg_fused does not support: shard with torch.distributed.fsdp.fully_shard (FSDP2) instead"
-            )
+    fsdp1 = getattr(sys.modules.get("torch.distributed.fsdp.fully_sharded_data_parallel"), "FullyShardedDataParallel", None)
+    wrapped = [path for path, module in model.named_modules() if fsdp1 is not None and isinstance(module, fsdp1)]
+    if wrapped:
+        raise NotImplementedError(
+            f"model{'.' + wrapped[0] if wrapped[0] else ''} is wrapped in FSDP1 (FullyShardedDataParallel), "
+            "whose flattened parameters wavg_fused does not support: shard with "
+            "torch.distributed.fsdp.fully_shard (FSDP2) instead"
+        )
     if type(model).__name__ == "DeepSpeedEngine":
         raise NotImplementedError(
             "model is a DeepSpeedEngine: pass engine.module (ZeRO-1/2; ZeRO-3 is not supported yet)"
@@ -187,21 +191,23 @@ class ShardedCopy(nn.Module):
 
 
 def _skeleton(model: nn.Module) -> ShardedCopy:
-    # Same module paths, same tensor objects (pack_sharded_module replaces every one of them by
-    # a view into new storage, so nothing stays shared), ties kept, persistence kept.
+    # Same module paths, ties and persistence. New Parameter objects over the model's data
+    # (packing rebinds a plain Parameter's .data: it must never be the model's own), and the
+    # model's buffer tensors, which packing replaces in the copy's dicts only.
     root = ShardedCopy()
     root.train(model.training)
-    copies: dict[int, nn.Module] = {}
+    parameters: dict[int, nn.Parameter] = {}
     for path, module in model.named_modules():
         target = root if not path else nn.Module()
         target.train(module.training)
         if path:
             parent_path, _, attribute = path.rpartition(".")
             root.get_submodule(parent_path).add_module(attribute, target)
-        copies[id(module)] = target
         for name, param in module._parameters.items():
             if param is not None:
-                target.register_parameter(name, param)
+                if id(param) not in parameters:
+                    parameters[id(param)] = nn.Parameter(param.detach(), requires_grad=param.requires_grad)
+                target.register_parameter(name, parameters[id(param)])
         for name, buffer in module._buffers.items():
             if buffer is not None:
                 target.register_buffer(name, buffer, persistent=name not in module._non_persistent_buffers_set)
@@ -224,6 +230,24 @@ def copy_model(model: nn.Module) -> nn.Module:
 
 
 # ---------------------------------------------------------------------- storage for local shards
+def _at_storage_start(view: torch.Tensor) -> torch.Tensor:
+    """The same memory as a tensor whose storage starts at its first element.
+
+    A DTensor copies its local tensor's storage offset, and torch.save cannot pickle a DTensor
+    whose offset is not 0 (torch 2.14: "Attempted to access the data pointer on an invalid python
+    storage"). A DLPack round trip aliases the bytes (no copy) with a storage of their own that
+    keeps the flat buffer alive; ``torch.save`` then writes this shard's bytes only.
+    """
+    if view.storage_offset() == 0:
+        return view
+    from torch.utils import dlpack
+
+    try:
+        return dlpack.from_dlpack(dlpack.to_dlpack(view))
+    except (RuntimeError, TypeError, BufferError):  # a dtype DLPack lacks: averaging still works, pickling not
+        return view
+
+
 def pack_sharded_module(
     module: nn.Module,
     device: torch.device | str | int | None = None,
@@ -233,6 +257,12 @@ def pack_sharded_module(
     tensors; each DTensor is replaced by a new one with the same mesh, placements and global
     shape whose local tensor is a view into them. Plain tensors are packed as ``pack_module``
     packs them. Ties stay ties (one new Parameter for all names of a tied one)."""
+    if is_fsdp(module):
+        raise ValueError(
+            "averaged_module: an FSDP2 (fully_shard) module cannot hold the average (FSDP keeps its own "
+            "references to its shards); leave averaged_module out, and evaluate with averager.swapped(model) "
+            "or averager.copy_to(a second fully_shard model)"
+        )
     cls = _dtensor_type()
     unique: dict[int, torch.Tensor] = {}
     for _, tensor in named_tensors(module):
@@ -274,6 +304,7 @@ def pack_sharded_module(
             view = flats[group].as_strided(piece.shape, dense_strides(piece), offset)
             view.copy_(piece)
             if isinstance(tensor, cls):
+                view = _at_storage_start(view)
                 # run_check=False: no collective; shape and stride given, so nothing is inferred
                 wrapped = cls.from_local(
                     view, tensor.device_mesh, tensor.placements, run_check=False, shape=tensor.shape, stride=tensor.stride()
