@@ -399,6 +399,33 @@ def test_dcp_checkpoint_of_another_model_changes_nothing(tmp_path):
     assert all(torch.equal(a, b) for a, b in zip(before, _flats(averager)))
 
 
+@pytest.mark.parametrize("staged", [False, True], ids=["in_place", "staged"])
+def test_a_load_that_fails_after_reading_changes_nothing_when_staged(tmp_path, monkeypatch, staged):
+    """DCP reads into the tensors ``state_dict()`` hands it, before ``load_state_dict`` runs: in
+    place, a failure after the read (simulated here) leaves the averager half-loaded; staged, the
+    read lands in copies and the averager is untouched until everything was read."""
+    import torch.distributed.checkpoint as dcp
+
+    from wavg_fused.distributed import AveragerState
+
+    saved = reference(wf.EMA(DECAY), steps=3)
+    dcp.save({"avg": AveragerState(saved)}, checkpoint_id=str(tmp_path))
+    averager = reference(wf.EMA(DECAY), steps=1)
+    before = _flats(averager)
+
+    def fail(*args, **kwargs):
+        raise OSError("the last read failed")
+
+    monkeypatch.setattr(averager, "load_state_dict", fail)
+    with pytest.raises(OSError, match="the last read failed"):
+        dcp.load({"avg": AveragerState(averager, staged=staged)}, checkpoint_id=str(tmp_path))
+    unchanged = all(torch.equal(a, b) for a, b in zip(before, _flats(averager)))
+    assert unchanged == staged
+    monkeypatch.undo()
+    dcp.load({"avg": AveragerState(averager, staged=True)}, checkpoint_id=str(tmp_path))
+    assert all(torch.equal(a, b) for a, b in zip(_flats(saved), _flats(averager)))
+
+
 # ---------------------------------------------------------------------- what is not supported
 def test_deepspeed_zero3_parameters_are_refused_with_a_clear_error():
     model = nn.Linear(4, 4)

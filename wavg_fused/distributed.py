@@ -37,9 +37,12 @@ class AveragerState:
     given to ``dcp.save`` and ``dcp.load``.
 
     Saves the averager's shards from every rank (DTensors) and its replicated entries once; loads
-    into an averager of any world size, a single-process one included. DCP reads straight into
-    the averager's storage (no second copy of the average); it checks keys and sizes before it
-    reads, so a mismatched checkpoint raises with the average untouched.
+    into an averager of any world size, a single-process one included. By default DCP reads
+    straight into the averager's storage (no second copy of the average); it checks keys and
+    sizes before it reads, so a mismatched checkpoint raises with the average untouched, but a
+    read that fails part-way (I/O, a truncated file) leaves it half-loaded. ``staged=True`` makes
+    the load atomic: DCP reads into a copy (one more shard-sized buffer per rank while loading),
+    which ``Averager.load_state_dict`` validates and copies in only once everything was read.
 
     >>> import tempfile, torch, torch.distributed.checkpoint as dcp, wavg_fused as wf
     >>> from wavg_fused.distributed import AveragerState
@@ -53,13 +56,16 @@ class AveragerState:
     (True, EMA(decay=0.9), 1)
     """
 
-    def __init__(self, averager: Averager) -> None:
+    def __init__(self, averager: Averager, *, staged: bool = False) -> None:
         if not isinstance(averager, Averager):
             raise TypeError(f"averager must be a wavg_fused.Averager, got {type(averager).__name__}")
         self.averager = averager
+        self.staged = bool(staged)
 
     def state_dict(self) -> dict[str, Any]:
         state = dict(self.averager.state_dict())
+        if self.staged:  # DCP's load writes into what this returns: let it write into copies
+            state = {k: v.detach().clone() if isinstance(v, torch.Tensor) else v for k, v in state.items()}
         if _EXTRA_STATE in state:  # size varies with the call count: a pickled object, not a tensor
             state[_EXTRA_STATE] = bytes(state[_EXTRA_STATE].cpu().tolist())
         return state
