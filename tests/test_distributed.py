@@ -305,6 +305,30 @@ def _fsdp_worker(rank: int, world: int, out: Path) -> None:
     )
 
 
+def _guard_worker(rank: int, world: int, out: Path) -> None:
+    model = _fully_shard(make_net(), world)
+    averager = wf.Averager(model, wf.EMA(DECAY), skip_nonfinite=True)
+    averager.update(model)
+    before = _flats(averager)
+    with torch.no_grad():
+        if rank == 0:  # an Inf in rank 0's shard only
+            model.hidden.weight.to_local().view(-1)[0] = float("inf")
+    averager.update(model)
+    assert all(torch.equal(a, b) for a, b in zip(before, _flats(averager))), rank
+    assert (int(averager.n_averaged), int(averager.n_skipped)) == (1, 1), rank
+    with torch.no_grad():
+        if rank == 0:
+            model.hidden.weight.to_local().view(-1)[0] = 0.5
+    averager.update(model)
+    assert (int(averager.n_averaged), int(averager.n_skipped)) == (2, 1), rank
+
+
+def test_fsdp2_nonfinite_guard_skips_on_every_rank(tmp_path):
+    """Ranks hold different shards: one rank's Inf skips the update everywhere (one all-reduce of
+    the flag), so the ranks' averages and counters stay in step."""
+    spawn(_guard_worker, tmp_path)
+
+
 def test_fsdp2_averages_local_shards_equal_to_single_process(tmp_path):
     spawn(_fsdp_worker, tmp_path)
     ranks = [torch.load(tmp_path / f"fsdp{rank}.pt", weights_only=False) for rank in range(WORLD)]

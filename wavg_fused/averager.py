@@ -18,7 +18,9 @@ from .methods import SWA, Method
 from .plan import NONFINITE_SLOT, ROLE_AVERAGE, ROLE_COPY, Plan, check_structure
 from . import swap as _swap
 from .schedule import Action, Schedule
-from .sharded import address, check_supported, copy_model, local, local_named_tensors, local_pairs, reshard_fsdp
+from .sharded import (
+    address, check_supported, copy_model, has_dtensors, local, local_named_tensors, local_pairs, reshard_fsdp,
+)
 from .storage import ShadowStorage, named_tensors, pack_module
 from .compiled import check_unmoved
 from .unfused import update_per_tensor
@@ -32,7 +34,7 @@ AvgFn = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
 
 # Per-update caches: they reference the live model's internals, so they are never pickled or
 # deep-copied; they are rebuilt on the next update.
-_TRANSIENT = ("_model_ref", "_model_slots", "_shadow_names", "_shadow_slots", "_plan_key", "_runs", "_watch")
+_TRANSIENT = ("_model_ref", "_model_slots", "_shadow_names", "_shadow_slots", "_plan_key", "_runs", "_watch", "_sharded_runs")
 _EXTRA_STATE = "_extra_state"  # where nn.Module.state_dict puts get_extra_state()
 _SKIPPED = "n_skipped"
 _NOT_WHILE_SWAPPED = (
@@ -473,6 +475,12 @@ class Averager(nn.Module):
         when no plan lives there to bump the counters, else None."""
         for plan, backend in self._runs:
             backend.check_nonfinite(plan)
+        if self._sharded_runs and torch.distributed.is_initialized():
+            # Each rank checked its own shards: an Inf on one rank must skip the update on all of
+            # them, or their averages (and n_averaged) drift apart. One tiny all-reduce per plan,
+            # stream-ordered on the GPU (no host sync); the guard's only collective.
+            for plan, _ in self._runs:
+                torch.distributed.all_reduce(plan.workspace[NONFINITE_SLOT : NONFINITE_SLOT + 1], torch.distributed.ReduceOp.MAX)
         counter_device = self.n_averaged.device
         if len(self._runs) == 1 and self._runs[0][0].device == counter_device:
             return None  # the common case: one device decides alone, on the device
@@ -719,3 +727,4 @@ class Averager(nn.Module):
             runs.append((plan, select_backend(self.backend, device)))
         runs.sort(key=lambda run: run[0].device == self.n_averaged.device)
         self._runs, self._plan_key = runs, key
+        self._sharded_runs = has_dtensors(self.module)  # ranks hold different shards: the guard must agree
