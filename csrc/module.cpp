@@ -9,12 +9,17 @@
 
 namespace {
 
+constexpr int64_t kNotATensor = -1;
+constexpr int64_t kDTensor = -2;
+
 // first_moved(tables, keys, expected, layouts) -> int
 // For each i, looks up tables[i][keys[i]] (a module's _parameters, _buffers or _modules dict) and
 // returns the first i whose entry is missing or changed; -1 if none did. expected[i] (an int64 CPU
 // tensor) is a tensor's data address or, for anything else (a submodule), its id(). `layouts`
 // holds, per entry, [dtype code, ndim, sizes..., strides...] for a tensor or [-1] for anything
-// else: `p.data = p.data.t()` keeps the address and must still count as a change. Update calls it
+// else: `p.data = p.data.t()` keeps the address and must still count as a change. A DTensor
+// (an object with a `_local_tensor`) is recorded as [-2, its local tensor's layout] and compared
+// by that local tensor, where its bytes are (the DTensor's own data_ptr() is 0). Update calls it
 // every step to know its plan is valid: about 10 ns a tensor here against ~100 ns in Python.
 PyObject* first_moved(PyObject* /*self*/, PyObject* args) {
   HANDLE_TH_ERRORS
@@ -39,13 +44,25 @@ PyObject* first_moved(PyObject* /*self*/, PyObject* args) {
     if (value == nullptr && PyErr_Occurred()) return nullptr;
     if (value == nullptr) return PyLong_FromSsize_t(i);
     TORCH_CHECK(layout < layout_end, "first_moved: layouts is shorter than the slots");
-    const int64_t code = *layout++;
-    if (code < 0) {  // not a tensor when watched: identity only
+    int64_t code = *layout++;
+    if (code == kNotATensor) {  // identity only
       if (reinterpret_cast<int64_t>(value) != want[i]) return PyLong_FromSsize_t(i);
       continue;
     }
-    if (!THPVariable_Check(value)) return PyLong_FromSsize_t(i);
-    const at::Tensor& tensor = THPVariable_Unpack(value);
+    PyObject* owner = nullptr;  // a new reference to the DTensor's local tensor, if it is one
+    if (code == kDTensor) {
+      owner = PyObject_GetAttrString(value, "_local_tensor");
+      if (owner == nullptr) {
+        PyErr_Clear();
+        return PyLong_FromSsize_t(i);
+      }
+      value = owner;
+      code = *layout++;
+    }
+    const bool is_tensor = THPVariable_Check(value);
+    const at::Tensor tensor = is_tensor ? THPVariable_Unpack(value) : at::Tensor();
+    Py_XDECREF(owner);  // the module's DTensor keeps its local tensor alive
+    if (!is_tensor) return PyLong_FromSsize_t(i);
     const int64_t ndim = *layout++;
     bool same = reinterpret_cast<int64_t>(tensor.data_ptr()) == want[i] &&
                 static_cast<int64_t>(tensor.scalar_type()) == code && tensor.dim() == ndim;
@@ -72,8 +89,19 @@ PyObject* record_layouts(PyObject* /*self*/, PyObject* args) {
     PyObject* value = PyDict_GetItemWithError(PyList_GET_ITEM(tables, i), PyList_GET_ITEM(keys, i));
     if (value == nullptr && PyErr_Occurred()) return nullptr;
     if (value == nullptr || !THPVariable_Check(value)) {
-      records.push_back(-1);
+      records.push_back(kNotATensor);
       continue;
+    }
+    if (PyObject_HasAttrString(value, "_local_tensor")) {  // once per plan: the cost does not matter
+      PyObject* piece = PyObject_GetAttrString(value, "_local_tensor");
+      if (piece == nullptr) return nullptr;
+      const bool ok = THPVariable_Check(piece);
+      Py_DECREF(piece);  // the DTensor keeps it alive
+      if (ok) {
+        records.push_back(kDTensor);
+        value = PyObject_GetAttrString(value, "_local_tensor");
+        Py_DECREF(value);
+      }
     }
     const at::Tensor& tensor = THPVariable_Unpack(value);
     records.push_back(static_cast<int64_t>(tensor.scalar_type()));

@@ -322,6 +322,14 @@ def _guard_worker(rank: int, world: int, out: Path) -> None:
     averager.update(model)
     assert (int(averager.n_averaged), int(averager.n_skipped)) == (2, 1), rank
 
+    # a DTensor whose local tensor moved (its own data_ptr() stays 0): the watch follows the shard
+    weight = model.hidden.weight
+    before = averager.module.hidden.weight.to_local().clone()
+    weight._local_tensor = torch.full_like(weight._local_tensor, 2.0)
+    averager.update(model)
+    expected = before + (1 - DECAY) * (2.0 - before)
+    torch.testing.assert_close(averager.module.hidden.weight.to_local(), expected)
+
 
 def test_fsdp2_nonfinite_guard_skips_on_every_rank(tmp_path):
     """Ranks hold different shards: one rank's Inf skips the update everywhere (one all-reduce of

@@ -14,6 +14,8 @@ from collections.abc import Sequence
 
 import torch
 
+from .sharded import address as _address  # a DTensor's bytes are its local tensor's
+
 __all__ = ["check_unmoved"]
 
 
@@ -29,7 +31,7 @@ def check_unmoved(token: torch.Tensor, tensors: Sequence[torch.Tensor], expected
     >>> check_unmoved(torch.zeros(()), [x], [x.data_ptr()])
     """
     for index, (tensor, address) in enumerate(zip(tensors, expected)):
-        if tensor.data_ptr() != address:
+        if _address(tensor) != address:
             raise RuntimeError(
                 f"Averager.update under torch.compile: model or shadow tensor #{index} was replaced or moved "
                 "since the plan was built (the compiled graph cannot rebuild it); call avg.update(model) once "

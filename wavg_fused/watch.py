@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import torch
 
-from .sharded import address, is_dtensor
+from .sharded import address, local
 
 try:
     from ._C import first_moved as _first_moved
@@ -25,22 +25,18 @@ Slot = tuple[dict, str]  # (a module's _parameters, _buffers or _modules dict, t
 
 
 def _identity(value: object) -> int:
-    # what first_moved compares: a tensor's data address, anything else's id()
-    return value.data_ptr() if isinstance(value, torch.Tensor) else id(value)
+    # what first_moved compares: a tensor's data address (a DTensor's: its local tensor's),
+    # anything else's id()
+    return address(value) if isinstance(value, torch.Tensor) else id(value)
 
 
 def _layout(value: object) -> tuple | None:
     # the Python walk's view of a tensor: the same address seen through another view
     # (``p.data = p.data.t()``) is a change too
-    return (value.dtype, value.shape, value.stride()) if isinstance(value, torch.Tensor) else None
-
-
-def _local_moved(sharded: list[tuple[dict, str, int]]) -> bool:
-    for table, key, expected in sharded:
-        piece = getattr(table.get(key), "_local_tensor", None)
-        if piece is None or piece.data_ptr() != expected:
-            return True
-    return False
+    if not isinstance(value, torch.Tensor):
+        return None
+    value = local(value)
+    return (value.dtype, value.shape, value.stride())
 
 
 class AddressWatch:
@@ -66,9 +62,6 @@ class AddressWatch:
         self._expected = torch.tensor(self._expected_list, dtype=torch.int64)
         self._layouts_list = [_layout(table[key]) for table, key in slots]
         self._layouts = _record_layouts(self._tables, self._keys) if _record_layouts is not None else None
-        # A DTensor's own data_ptr() is 0 whatever it holds: its local tensor is watched too
-        tables_keys = [(table, key) for table, key in slots[: self._tensor_count] if is_dtensor(table[key])]
-        self._sharded = [(table, key, address(table[key])) for table, key in tables_keys]
 
     def current_and_expected(self) -> tuple[list[torch.Tensor], list[int]]:
         """The watched tensors as the modules hold them now, and the addresses they had: for a
@@ -86,8 +79,6 @@ class AddressWatch:
         )
 
     def moved(self) -> bool:
-        if self._sharded and _local_moved(self._sharded):
-            return True
         if _first_moved is not None:
             return _first_moved(self._tables, self._keys, self._expected, self._layouts) >= 0
         try:
