@@ -51,7 +51,8 @@ PyObject* first_moved(PyObject* /*self*/, PyObject* args) {
     }
     PyObject* owner = nullptr;  // a new reference to the DTensor's local tensor, if it is one
     if (code == kDTensor) {
-      owner = PyObject_GetAttrString(value, "_local_tensor");
+      static PyObject* const local_name = PyUnicode_InternFromString("_local_tensor");  // built once
+      owner = PyObject_GetAttr(value, local_name);
       if (owner == nullptr) {
         PyErr_Clear();
         return PyLong_FromSsize_t(i);
@@ -59,16 +60,15 @@ PyObject* first_moved(PyObject* /*self*/, PyObject* args) {
       value = owner;
       code = *layout++;
     }
-    const bool is_tensor = THPVariable_Check(value);
-    const at::Tensor tensor = is_tensor ? THPVariable_Unpack(value) : at::Tensor();
-    Py_XDECREF(owner);  // the module's DTensor keeps its local tensor alive
-    if (!is_tensor) return PyLong_FromSsize_t(i);
+    Py_XDECREF(owner);  // the module's DTensor keeps its local tensor alive: `value` stays valid
+    if (!THPVariable_Check(value)) return PyLong_FromSsize_t(i);
+    const at::Tensor& tensor = THPVariable_Unpack(value);  // a reference: no refcount traffic
     const int64_t ndim = *layout++;
-    bool same = reinterpret_cast<int64_t>(tensor.data_ptr()) == want[i] &&
-                static_cast<int64_t>(tensor.scalar_type()) == code && tensor.dim() == ndim;
-    for (int64_t d = 0; same && d < ndim; ++d) {
-      same = tensor.size(d) == layout[d] && tensor.stride(d) == layout[ndim + d];
-    }
+    const c10::IntArrayRef sizes = tensor.sizes(), strides = tensor.strides();
+    const bool same = reinterpret_cast<int64_t>(tensor.data_ptr()) == want[i] &&
+                      static_cast<int64_t>(tensor.scalar_type()) == code &&
+                      static_cast<int64_t>(sizes.size()) == ndim && std::equal(sizes.begin(), sizes.end(), layout) &&
+                      std::equal(strides.begin(), strides.end(), layout + ndim);
     if (!same) return PyLong_FromSsize_t(i);
     layout += 2 * ndim;
   }
