@@ -16,7 +16,7 @@ WAVG_FUSED_BUILD_CUDA=1 WAVG_FUSED_PTXAS_VERBOSE=1 TORCH_CUDA_ARCH_LIST="${TORCH
 grep -E "registers|spill" "$OUT/build.log" | sort | uniq -c
 $PY -c "import wavg_fused as wf; print(wf.backend_report())" | tee "$OUT/backends.txt"
 
-WAVG_FUSED_EXPECT_EXT=1 timeout 420 $PY -m pytest -q -p no:cacheprovider -rs --junitxml="$OUT/tests.xml" > "$OUT/tests.log" 2>&1
+WAVG_FUSED_EXPECT_EXT=1 timeout 540 $PY -m pytest -q -p no:cacheprovider -rs --junitxml="$OUT/tests.xml" > "$OUT/tests.log" 2>&1
 echo "tests exit status $?"; tail -8 "$OUT/tests.log"
 
 $PY -m wavg_fused.bench.cli bench --device cuda --json "$OUT/gpu-bench.json" 2>&1 | tee "$OUT/gpu-bench.txt"

@@ -84,10 +84,12 @@ def reference(method: wf.Method, steps: int = STEPS) -> wf.Averager:
 
 
 # ---------------------------------------------------------------------- process plumbing
-def _entry(rank: int, worker, world: int, store: str, args: tuple) -> None:
+def _entry(rank: int, worker, world: int, store: str, args: tuple, backend: str = "gloo") -> None:
     torch.set_num_threads(1)  # 2 processes on 2 cores
+    if backend == "nccl":
+        torch.cuda.set_device(rank)
     # a file store rather than a TCP port: nothing another process on the machine can take first
-    dist.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=world)
+    dist.init_process_group(backend, init_method=f"file://{store}", rank=rank, world_size=world)
     try:
         worker(rank, world, *args)
         dist.barrier()
@@ -101,12 +103,12 @@ def _entry(rank: int, worker, world: int, store: str, args: tuple) -> None:
     os._exit(0)
 
 
-def spawn(worker, *args) -> None:
-    """Run ``worker(rank, world, *args)`` in WORLD processes of one gloo group; a failure in any
-    rank raises here with its traceback."""
+def spawn(worker, *args, backend: str = "gloo", world: int = WORLD) -> None:
+    """Run ``worker(rank, world, *args)`` in ``world`` processes of one process group; a failure in
+    any rank raises here with its traceback."""
     with tempfile.TemporaryDirectory() as directory:
         store = os.path.join(directory, "store")
-        torch.multiprocessing.spawn(_entry, args=(worker, WORLD, store, args), nprocs=WORLD, join=True)
+        torch.multiprocessing.spawn(_entry, args=(worker, world, store, args, backend), nprocs=world, join=True)
 
 
 class OpLog(TorchDispatchMode):
@@ -335,6 +337,43 @@ def test_fsdp2_nonfinite_guard_skips_on_every_rank(tmp_path):
     """Ranks hold different shards: one rank's Inf skips the update everywhere (one all-reduce of
     the flag), so the ranks' averages and counters stay in step."""
     spawn(_guard_worker, tmp_path)
+
+
+def _nccl_worker(rank: int, world: int, out: Path) -> None:
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import fully_shard
+
+    model = make_net().cuda()
+    mesh = init_device_mesh("cuda", (world,))
+    for part in (model.inp, model.hidden, model):
+        fully_shard(part, mesh=mesh)
+    averager = wf.Averager(model, wf.EMA(DECAY), skip_nonfinite=True)
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.2)
+    for x, y in batches():
+        x, y = x[rows(rank, world)].cuda(), y[rows(rank, world)].cuda()
+        loss = (model(x) - y).square().mean()
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+        averager.update(model)
+    torch.cuda.synchronize()
+    assert (int(averager.n_averaged), int(averager.n_skipped)) == (STEPS, 0)
+    from wavg_fused.distributed import full_state_dict
+
+    torch.save(full_state_dict(averager), out / f"nccl{rank}.pt")
+
+
+@pytest.mark.skipif(not (torch.cuda.is_available() and dist.is_nccl_available()), reason="needs a CUDA device and NCCL")
+def test_fsdp2_on_cuda_with_nccl(tmp_path):
+    """The FSDP2 path on a GPU with NCCL (world size: the GPUs here, 1 is enough for the code path)
+    against the single-process CPU average of the same run."""
+    world = min(torch.cuda.device_count(), WORLD)
+    spawn(_nccl_worker, tmp_path, backend="nccl", world=world)
+    full = torch.load(tmp_path / "nccl0.pt", weights_only=False)
+    expected = reference(wf.EMA(DECAY)).state_dict()
+    for key, value in expected.items():
+        if isinstance(value, torch.Tensor) and value.is_floating_point():
+            torch.testing.assert_close(full[key].cpu(), value, rtol=1e-5, atol=1e-6, msg=key)
 
 
 def test_fsdp2_averages_local_shards_equal_to_single_process(tmp_path):
