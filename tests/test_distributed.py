@@ -504,3 +504,17 @@ def test_deepspeed_zero3_parameters_are_refused_with_a_clear_error():
     model.weight.ds_tensor = torch.zeros(8)
     with pytest.raises(NotImplementedError, match="'weight' is partitioned by DeepSpeed ZeRO-3"):
         wf.Averager(model, wf.EMA(0.9))
+
+
+def test_dcp_saves_and_loads_the_averager_itself(tmp_path):
+    """``_extra_state`` keeps its size as the call count grows (space-padded JSON), so the
+    averager passes to DCP as it is, a module being a ``Stateful``, across a count of 9 -> 10."""
+    import torch.distributed.checkpoint as dcp
+
+    saved = reference(wf.EMA(DECAY), steps=10)
+    dcp.save({"avg": saved}, checkpoint_id=str(tmp_path))
+    fresh = reference(wf.EMA(DECAY), steps=9)
+    assert fresh.state_dict()["_extra_state"].shape == saved.state_dict()["_extra_state"].shape
+    dcp.load({"avg": fresh}, checkpoint_id=str(tmp_path))
+    assert fresh._calls == 10 and int(fresh.n_averaged) == 10
+    assert all(torch.equal(a, b) for a, b in zip(_flats(saved), _flats(fresh)))

@@ -6,9 +6,9 @@ already what DCP wants: every rank writes its own shards, and a load reshards th
 mesh the loading averager has (another world size, or a plain single-process model). Two things
 need help, and this module gives it:
 
-- ``AveragerState(averager)``: the averager as a DCP ``Stateful``. DCP loads into tensors of the
-  saved sizes, and ``_extra_state`` (the method and the schedule's call count as JSON bytes)
-  changes size as the count grows; here it travels as a Python ``bytes`` object instead.
+- ``AveragerState(averager)``: the averager as a DCP ``Stateful``, with ``_extra_state`` as a
+  Python ``bytes`` object (so checkpoints from before that entry was padded to a fixed size load
+  too) and ``staged=True`` for an atomic load. The averager itself also works as a ``Stateful``.
 - ``full_state_dict(averager)``: every DTensor gathered (one tensor at a time), on rank 0 by
   default, in host memory; it loads into an ``Averager`` of the unsharded model, and into
   ``torch.optim.swa_utils.AveragedModel`` with ``strict=False``.
@@ -66,7 +66,7 @@ class AveragerState:
         state = dict(self.averager.state_dict())
         if self.staged:  # DCP's load writes into what this returns: let it write into copies
             state = {k: v.detach().clone() if isinstance(v, torch.Tensor) else v for k, v in state.items()}
-        if _EXTRA_STATE in state:  # size varies with the call count: a pickled object, not a tensor
+        if _EXTRA_STATE in state:  # as bytes: the size of older, unpadded entries varied with the count
             state[_EXTRA_STATE] = bytes(state[_EXTRA_STATE].cpu().tolist())
         return state
 

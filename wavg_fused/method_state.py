@@ -1,6 +1,8 @@
 """The averaging method inside a checkpoint: ``Averager.state_dict()["_extra_state"]``.
 
-The entry is UTF-8 JSON (``{"format": 1, "method": {"name", "class", "params"}}``) held in a
+The entry is UTF-8 JSON (``{"format": 1, "method": {"name", "class", "params"}, "calls"}``),
+space-padded to a multiple of ``PADDED_BYTES`` so its size does not change as ``calls`` grows
+(``torch.distributed.checkpoint`` loads into tensors of the saved sizes), held in a
 1-D ``uint8`` tensor rather than a dict, so a state dict stays all-tensor: it loads with
 ``torch.load(weights_only=True)``, ``safetensors`` can write it, and code that maps ``.to()``,
 ``.clone()`` or ``torch.equal`` over every value keeps working. Methods are found again by
@@ -21,6 +23,9 @@ from .methods import Method
 __all__ = ["encode_method", "decode_method", "decode_calls", "UnknownMethodError"]
 
 FORMAT = 1
+# The JSON is padded with spaces to a multiple of this many bytes, so the entry keeps its size as
+# the call count grows: torch.distributed.checkpoint loads into tensors of the saved sizes.
+PADDED_BYTES = 512
 _JSON_SCALARS = (bool, int, float, str, type(None))
 
 
@@ -56,8 +61,9 @@ def encode_method(method: object, calls: int = 0) -> torch.Tensor:
         params = {f.name: getattr(method, f.name) for f in dataclasses.fields(method)}
         if all(isinstance(v, _JSON_SCALARS) for v in params.values()):
             entry = {"name": method.name, "class": _class_path(type(method)), "params": params}
-    text = json.dumps({"format": FORMAT, "method": entry, "calls": int(calls)}, sort_keys=True, allow_nan=False)
-    return torch.frombuffer(bytearray(text.encode()), dtype=torch.uint8).clone()
+    text = json.dumps({"format": FORMAT, "method": entry, "calls": int(calls)}, sort_keys=True, allow_nan=False).encode()
+    text += b" " * (-len(text) % PADDED_BYTES)  # JSON ignores trailing whitespace
+    return torch.frombuffer(bytearray(text), dtype=torch.uint8).clone()
 
 
 def _parse(value: Any) -> dict | None:
