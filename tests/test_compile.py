@@ -6,7 +6,7 @@ import copy
 
 import pytest
 import torch
-from conftest import CPU_BACKENDS, METHODS
+from conftest import CPU_BACKENDS
 from torch import nn
 from torch._dynamo.testing import CompileCounter
 

@@ -61,6 +61,21 @@ def test_one_kernel_launch_per_update(backend):
     assert len(kernels) == 1, [e.name for e in kernels]
 
 
+def _capture_update(graphed: wf.Averager, eager: wf.Averager, model: nn.Module) -> torch.cuda.CUDAGraph:
+    """One update of ``graphed`` on a side stream (the warm-up capture requires), the same update
+    eagerly for ``eager``, then ``graphed``'s update captured (recorded, not run)."""
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):
+        graphed.update(model)
+    torch.cuda.current_stream().wait_stream(stream)
+    eager.update(model)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        graphed.update(model)
+    return graph
+
+
 @pytest.mark.parametrize("backend", FUSED)
 def test_graph_replay_equals_eager_updates(backend, method):
     torch.manual_seed(0)
@@ -69,15 +84,7 @@ def test_graph_replay_equals_eager_updates(backend, method):
     graphed = wf.Averager(model, method, backend=backend)
     eager.update(model)
     graphed.update(model)  # plans built outside the capture
-    stream = torch.cuda.Stream()
-    stream.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(stream):
-        graphed.update(model)  # warm-up on the side stream, as capture requires
-    torch.cuda.current_stream().wait_stream(stream)
-    eager.update(model)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        graphed.update(model)
+    graph = _capture_update(graphed, eager, model)
     for step in range(5):
         with torch.no_grad():
             for p in model.parameters():
@@ -109,15 +116,7 @@ def test_graph_replay_with_the_nonfinite_guard(backend, method):
     graphed = wf.Averager(model, method, backend=backend, skip_nonfinite=True)
     for avg in (eager, graphed):
         avg.update(model)
-    stream = torch.cuda.Stream()
-    stream.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(stream):
-        graphed.update(model)
-    torch.cuda.current_stream().wait_stream(stream)
-    eager.update(model)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        graphed.update(model)
+    graph = _capture_update(graphed, eager, model)
     for step in range(6):
         with torch.no_grad():
             for p in model.parameters():

@@ -21,7 +21,7 @@ from collections.abc import Sequence
 import torch
 from torch import nn
 
-from .storage import ShadowStorage, aligned_offset, dense_strides, named_tensors
+from .storage import ShadowStorage, copy_into_flats, named_tensors
 
 __all__ = [
     "ShardedCopy",
@@ -276,43 +276,18 @@ def pack_sharded_module(
                     "mesh, and its averaged shards stay on that device type"
                 )
 
-    layout: list[tuple[int, tuple, int]] = []
-    group_sizes: dict[tuple[torch.device, torch.dtype], int] = {}
-    tensor_bytes = 0
-    for key_id, tensor in unique.items():
-        piece = local(tensor)
-        target_dtype = dtype if (dtype is not None and piece.is_floating_point()) else piece.dtype
-        target_device = torch.device(device) if device is not None else piece.device
-        group = (target_device, target_dtype)
-        itemsize = torch.empty((), dtype=target_dtype, device="meta").element_size()
-        offset = aligned_offset(group_sizes.get(group, 0), itemsize)
-        group_sizes[group] = offset + piece.numel()
-        layout.append((key_id, group, offset))
-        tensor_bytes += piece.numel() * itemsize
-
-    flats = {}
-    for group, size in group_sizes.items():
-        itemsize = torch.empty((), dtype=group[1], device="meta").element_size()
-        flats[group] = torch.zeros(aligned_offset(size, itemsize), dtype=group[1], device=group[0])
-    storage = ShadowStorage({(f.device, f.dtype): f for f in flats.values()}, tensor_bytes)
-
-    replacement: dict[int, torch.Tensor] = {}
-    with torch.no_grad():
-        for key_id, group, offset in layout:
-            tensor = unique[key_id]
-            piece = local(tensor)
-            view = flats[group].as_strided(piece.shape, dense_strides(piece), offset)
-            view.copy_(piece)
-            if isinstance(tensor, cls):
-                view = _at_storage_start(view)
-                # run_check=False: no collective; shape and stride given, so nothing is inferred
-                wrapped = cls.from_local(
-                    view, tensor.device_mesh, tensor.placements, run_check=False, shape=tensor.shape, stride=tensor.stride()
-                )
-                if view.numel() and wrapped._local_tensor.data_ptr() != view.data_ptr():
-                    raise RuntimeError("DTensor.from_local copied the local shard; the averager needs a view")
-                view = wrapped
-            replacement[key_id] = view
+    storage, replacement = copy_into_flats({key: local(tensor) for key, tensor in unique.items()}, device, dtype)
+    for key_id, view in replacement.items():
+        tensor = unique[key_id]
+        if isinstance(tensor, cls):
+            view = _at_storage_start(view)
+            # run_check=False: no collective; shape and stride given, so nothing is inferred
+            wrapped = cls.from_local(
+                view, tensor.device_mesh, tensor.placements, run_check=False, shape=tensor.shape, stride=tensor.stride()
+            )
+            if view.numel() and wrapped._local_tensor.data_ptr() != view.data_ptr():
+                raise RuntimeError("DTensor.from_local copied the local shard; the averager needs a view")
+            replacement[key_id] = wrapped
 
     parameters: dict[int, nn.Parameter] = {}
     for submodule in module.modules():

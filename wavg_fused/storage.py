@@ -59,6 +59,43 @@ class ShadowStorage:
         return start <= tensor.data_ptr() < end
 
 
+def copy_into_flats(
+    tensors: dict[int, torch.Tensor],
+    device: torch.device | str | int | None = None,
+    dtype: torch.dtype | None = None,
+) -> tuple[ShadowStorage, dict[int, torch.Tensor]]:
+    """Flat buffers (one per device and dtype) holding copies of ``tensors``, and the view of
+    each (same keys) into them: aligned, with the tensor's dense layout. ``device`` and ``dtype``
+    as in ``pack_module``."""
+    layout: list[tuple[int, tuple, int]] = []  # (key, group, offset in elements)
+    group_sizes: dict[tuple[torch.device, torch.dtype], int] = {}
+    tensor_bytes = 0
+    for key, tensor in tensors.items():
+        target_dtype = dtype if (dtype is not None and tensor.is_floating_point()) else tensor.dtype
+        target_device = torch.device(device) if device is not None else tensor.device
+        group = (target_device, target_dtype)
+        itemsize = torch.empty((), dtype=target_dtype, device="meta").element_size()
+        offset = aligned_offset(group_sizes.get(group, 0), itemsize)
+        group_sizes[group] = offset + tensor.numel()
+        layout.append((key, group, offset))
+        tensor_bytes += tensor.numel() * itemsize
+
+    flats = {}
+    for group, size in group_sizes.items():
+        itemsize = torch.empty((), dtype=group[1], device="meta").element_size()
+        flats[group] = torch.zeros(aligned_offset(size, itemsize), dtype=group[1], device=group[0])
+    # keyed by the allocated device, so "cuda" and "cuda:0" name the same buffer
+    storage = ShadowStorage({(f.device, f.dtype): f for f in flats.values()}, tensor_bytes)
+
+    views: dict[int, torch.Tensor] = {}
+    with torch.no_grad():
+        for key, group, offset in layout:
+            tensor = tensors[key]
+            views[key] = flats[group].as_strided(tensor.shape, dense_strides(tensor), offset)
+            views[key].copy_(tensor)
+    return storage, views
+
+
 def pack_module(
     module: nn.Module,
     device: torch.device | None = None,
@@ -83,34 +120,7 @@ def pack_module(
     unique: dict[int, torch.Tensor] = {}
     for _, tensor in named_tensors(module):
         unique.setdefault(id(tensor), tensor)
-
-    layout: list[tuple[int, tuple, int]] = []  # (tensor id, group key, offset in elements)
-    group_sizes: dict[tuple[torch.device, torch.dtype], int] = {}
-    tensor_bytes = 0
-    for key_id, tensor in unique.items():
-        target_dtype = dtype if (dtype is not None and tensor.is_floating_point()) else tensor.dtype
-        target_device = torch.device(device) if device is not None else tensor.device
-        group = (target_device, target_dtype)
-        itemsize = torch.empty((), dtype=target_dtype, device="meta").element_size()
-        offset = aligned_offset(group_sizes.get(group, 0), itemsize)
-        group_sizes[group] = offset + tensor.numel()
-        layout.append((key_id, group, offset))
-        tensor_bytes += tensor.numel() * itemsize
-
-    flats = {}
-    for group, size in group_sizes.items():
-        itemsize = torch.empty((), dtype=group[1], device="meta").element_size()
-        flats[group] = torch.zeros(aligned_offset(size, itemsize), dtype=group[1], device=group[0])
-    # keyed by the allocated device, so "cuda" and "cuda:0" name the same buffer
-    storage = ShadowStorage({(f.device, f.dtype): f for f in flats.values()}, tensor_bytes)
-
-    replacement: dict[int, torch.Tensor] = {}
-    with torch.no_grad():
-        for key_id, group, offset in layout:
-            tensor = unique[key_id]
-            view = flats[group].as_strided(tensor.shape, dense_strides(tensor), offset)
-            view.copy_(tensor)
-            replacement[key_id] = view
+    storage, replacement = copy_into_flats(unique, device, dtype)
 
     for submodule in module.modules():
         for name, param in submodule._parameters.items():

@@ -46,15 +46,12 @@ class _FusedBackend:
 
     def check_nonfinite(self, plan: Plan) -> None:
         plan.stage()
-        self._launch_mode(plan, MODE_CHECK)
+        self.transfer(plan, MODE_CHECK)
 
     def transfer(self, plan: Plan, mode: int) -> None:
-        self._launch_mode(plan, mode)
-
-    def _launch_mode(self, plan: Plan, mode: int) -> None:
-        table = plan.tensor_table()
-        ops.update_(plan.flats, table, plan.block_table(self.block_elems), plan.spare_count, plan.workspace,
-                    0, [], False, -1, mode)
+        # the modes that read no method: copy_to, swap, and the non-finite check
+        ops.update_(plan.flats, plan.tensor_table(), plan.block_table(self.block_elems), plan.spare_count,
+                    plan.workspace, 0, [], False, -1, mode)
 
 
 class CpuBackend(_FusedBackend):

@@ -73,13 +73,11 @@ class TritonBackend:
 
     def check_nonfinite(self, plan: Plan) -> None:
         plan.stage()
-        self._launch_mode(plan, MODE_CHECK)
+        self.transfer(plan, MODE_CHECK)
 
     def transfer(self, plan: Plan, mode: int) -> None:
-        self._launch_mode(plan, mode)
-
-    def _launch_mode(self, plan: Plan, mode: int) -> None:
-        flat_bases, params, block, warps = self._cached(plan, ())  # reads no method
+        # the modes that read no method: copy_to, swap, and the non-finite check
+        flat_bases, params, block, warps = self._cached(plan, ())
         kernel.launch(
             plan.tensor_table(), plan.block_table(block), flat_bases, params, plan.spare_count, plan.workspace,
             0, -1, False, block, warps, mode,
