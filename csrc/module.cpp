@@ -1,6 +1,8 @@
 // The Python module `wavg_fused._C`: importing it loads this library (which registers the ops)
 // and offers one host helper that is too slow in Python.
 #include <Python.h>
+#include <ATen/core/Tensor.h>
+#include <ATen/ops/empty.h>
 #include <torch/csrc/autograd/python_variable.h>
 #include <torch/csrc/Exceptions.h>
 

@@ -2,6 +2,7 @@
 // (not one region per tensor). The element kernels are compiled for several instruction sets
 // (kernel_<isa>.cpp); the widest one this CPU supports is picked once.
 #include <ATen/Parallel.h>
+#include <ATen/core/Tensor.h>
 #include <torch/library.h>
 
 #include <atomic>

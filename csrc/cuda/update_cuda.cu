@@ -3,6 +3,7 @@
 // tensor, so the dtype branch is uniform per block. Tables live in device memory (uploaded when the
 // plan is built), never in kernel arguments. The block that finishes last bumps n_averaged, so the
 // launch needs no host sync and can be captured in a CUDA graph.
+#include <ATen/core/Tensor.h>
 #include <c10/cuda/CUDAException.h>
 #include <c10/cuda/CUDAGuard.h>
 #include <c10/cuda/CUDAStream.h>
