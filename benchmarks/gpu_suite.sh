@@ -1,26 +1,84 @@
 #!/usr/bin/env bash
-# One command for a lent GPU machine (/work/.library/device/METHOD.md): build the extension, run the
-# whole test suite on CUDA, then the benchmarks on the GPU (all zoo models incl. the 1.3B LLaMA, fp32
-# and bf16-model/fp32-average, L2 overwritten before every sample) and the quick CPU run.
-# Everything lands under $OUT; commit it under benchmarks/results/ with the device named.
-#   run: bash benchmarks/gpu_suite.sh
+# The one command for a lent GPU machine (one H200, 16 cores, ~15 minutes in all with its start;
+# one command at most 10 minutes; at most 8 files come back; nothing can be installed there).
+#   run:      bash benchmarks/gpu_suite.sh                        (results in $OUT)
+#   dry run:  GPU_SUITE_DRY_RUN=1 OUT=/tmp/gpu bash benchmarks/gpu_suite.sh   (CPU, tiny sizes; CI runs it)
+#
+# Phases in priority order, each time-boxed inside one overall budget (GPU_SUITE_BUDGET_S, default
+# 450 s: under 8 minutes wall), so that what finished comes back even when a later phase runs long:
+#   env -> build (sm_90 only, all cores) -> triton-warm (every Triton variant compiled, in parallel)
+#   -> tests (CUDA-only tests and every backend's CUDA parametrisation: pytest -m gpu)
+#   -> bench (the zoo on CUDA: CUDA events, L2 overwritten per sample, copy bandwidth as the limit)
+#   -> pytest-benchmark on CUDA, if time remains.
+# Files in $OUT (at most 8): summary.md (rewritten after every phase: passed/failed/skipped, the
+# benchmark table, the environment), gpu-bench-*.json (+ .png), pytest-benchmark.json, logs.tar.gz
+# (every log and the JUnit XML). Uses the image's own torch, triton, setuptools and ninja: no pip.
 set -uo pipefail
+cd "$(dirname "$0")/.."
 OUT=${OUT:-benchmarks/results/gpu-run}
 PY=${PYTHON:-python3}
+DRY=${GPU_SUITE_DRY_RUN:-0}
+BUDGET=${GPU_SUITE_BUDGET_S:-450}
 mkdir -p "$OUT"
+LOGS=$(mktemp -d)
+START=$(date +%s)
+export PYTHONUNBUFFERED=1 PYTHONDONTWRITEBYTECODE=1
+[ "$DRY" = 1 ] && echo "GPU_SUITE_DRY_RUN=1: the phases on the CPU with tiny sizes" | tee "$LOGS/dry-run.txt"
 
-{ nvidia-smi; $PY -c "import torch, triton; print(torch.__version__, torch.version.cuda, triton.__version__, torch.cuda.get_device_name())"; } \
-  > "$OUT/device.txt" 2>&1
-WAVG_FUSED_BUILD_CUDA=1 WAVG_FUSED_PTXAS_VERBOSE=1 TORCH_CUDA_ARCH_LIST="${TORCH_CUDA_ARCH_LIST:-9.0}" \
-  MAX_JOBS=16 $PY setup.py build_ext --inplace > "$OUT/build.log" 2>&1 || { tail -40 "$OUT/build.log"; exit 1; }
-grep -E "registers|spill" "$OUT/build.log" | sort | uniq -c
-$PY -c "import wavg_fused as wf; print(wf.backend_report())" | tee "$OUT/backends.txt"
+# phase NAME LIMIT_S COMMAND...: run with a time box of LIMIT_S, cut to what the budget has left;
+# log to $LOGS/NAME.log, record (name, exit status, seconds), then refresh summary.md and the archive.
+phase() {
+  local name=$1 limit=$2 left rc t0
+  shift 2
+  left=$((BUDGET - ($(date +%s) - START)))
+  [ "$limit" -gt "$left" ] && limit=$left
+  if [ "$limit" -lt 15 ]; then
+    echo "$name skipped 0" >> "$LOGS/phases.txt"
+    echo "== $name: skipped (budget spent)"
+  else
+    echo "== $name (up to ${limit}s)"
+    t0=$(date +%s)
+    timeout -k 10 "$limit" "$@" > "$LOGS/$name.log" 2>&1
+    rc=$?
+    echo "$name $rc $(($(date +%s) - t0))" >> "$LOGS/phases.txt"
+    tail -n 4 "$LOGS/$name.log"
+    echo "== $name: exit $rc after $(($(date +%s) - t0))s"
+  fi
+  $PY benchmarks/gpu_summary.py "$LOGS" "$OUT" > "$OUT/summary.md" 2> "$LOGS/summary-errors.log"
+  tar -czf "$OUT/logs.tar.gz" -C "$LOGS" .
+}
 
-WAVG_FUSED_EXPECT_EXT=1 timeout 540 $PY -m pytest -q -p no:cacheprovider -rs --junitxml="$OUT/tests.xml" > "$OUT/tests.log" 2>&1
-echo "tests exit status $?"; tail -8 "$OUT/tests.log"
+if [ "$DRY" = 1 ]; then
+  ARCH_ENV=(WAVG_FUSED_BUILD_CUDA=0)
+  BUILD_OUT=(--build-temp "$(mktemp -d)" --build-lib "$(mktemp -d)")  # leave the tree's build alone
+  DEVICE=cpu
+  SMALL=2000x1k LARGE=2000x1k REPEATS=3 BENCH_MODELS=2000x1k VARIANTS_SMALL=fp32 VARIANTS_LARGE=bf16/fp32
+else
+  ARCH_ENV=(WAVG_FUSED_BUILD_CUDA=1 TORCH_CUDA_ARCH_LIST=9.0 MAX_JOBS=16 WAVG_FUSED_PTXAS_VERBOSE=1)
+  BUILD_OUT=(--inplace)
+  DEVICE=cuda
+  SMALL=2000x1k,resnet50 LARGE=vit_b16,gpt2,llama_1b3 REPEATS=30 BENCH_MODELS=2000x1k,resnet50,gpt2
+  VARIANTS_SMALL=fp32,bf16/fp32 VARIANTS_LARGE=fp32,bf16/fp32
+fi
+# The tests check that the compiled backends were really built (they skip nothing silently).
+export WAVG_FUSED_EXPECT_EXT=1
 
-$PY -m wavg_fused.bench.cli bench --device cuda --json "$OUT/gpu-bench.json" 2>&1 | tee "$OUT/gpu-bench.txt"
-WAVG_BENCH_DEVICE=cuda WAVG_BENCH_MODELS=2000x1k,resnet50,vit_b16,gpt2 $PY -m pytest benchmarks -q -p no:cacheprovider \
-  --benchmark-only --benchmark-json="$OUT/pytest-benchmark-gpu.json" > "$OUT/pytest-benchmark-gpu.txt" 2>&1
-echo "pytest-benchmark exit status $?"
-$PY -m wavg_fused.bench.cli bench --quick --json "$OUT/cpu-bench.json" > "$OUT/cpu-bench.txt" 2>&1
+phase env 30 bash -c "(nvidia-smi || echo 'no nvidia-smi'); $PY -c 'import sys, torch, triton; print(sys.version); print(\"torch\", torch.__version__, \"cuda\", torch.version.cuda, \"triton\", triton.__version__); print(torch.cuda.get_device_name() if torch.cuda.is_available() else \"no CUDA device\")'; nproc; git log -1 --format='commit %H %s' 2>/dev/null || true"
+phase build 150 env "${ARCH_ENV[@]}" $PY setup.py build_ext "${BUILD_OUT[@]}"
+phase backends 30 $PY -c "import wavg_fused as wf; print(wf.backend_report())"
+phase triton-warm 150 $PY -m wavg_fused.triton.warmup --device "$DEVICE"
+phase tests 240 $PY -m pytest tests -m gpu -q -p no:cacheprovider -o addopts= -rs --junitxml="$LOGS/tests.xml"
+phase bench-small 100 $PY -m wavg_fused.bench.cli bench --device "$DEVICE" --models "$SMALL" --variants "$VARIANTS_SMALL" \
+  --repeats "$REPEATS" --json "$OUT/gpu-bench-small.json"
+phase bench-large 120 $PY -m wavg_fused.bench.cli bench --device "$DEVICE" --models "$LARGE" --variants "$VARIANTS_LARGE" \
+  --repeats "$REPEATS" --json "$OUT/gpu-bench-large.json"
+phase pytest-benchmark 90 env WAVG_BENCH_DEVICE="$DEVICE" WAVG_BENCH_MODELS="$BENCH_MODELS" \
+  $PY -m pytest benchmarks -q -p no:cacheprovider -o addopts= --benchmark-only --benchmark-json="$OUT/pytest-benchmark.json"
+
+echo "total $(($(date +%s) - START))s; $(ls "$OUT" | wc -l) files in $OUT:"
+ls -la "$OUT"
+if [ "$DRY" = 1 ]; then  # the script's own bugs: every phase must have run and succeeded on the CPU
+  ! grep -v " 0 [0-9]*$" "$LOGS/phases.txt" || { echo "dry run: a phase failed or was skipped"; exit 1; }
+  [ "$(ls "$OUT" | wc -l)" -le 8 ] || { echo "dry run: more than 8 files in $OUT"; exit 1; }
+fi
+exit 0

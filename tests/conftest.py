@@ -33,3 +33,13 @@ def backend(request):
 @pytest.fixture(params=list(METHODS), ids=list(METHODS))
 def method(request):
     return METHODS[request.param]
+
+
+# Modules whose every test needs a GPU; elsewhere a CUDA-only test carries @pytest.mark.gpu itself.
+_GPU_MODULES = {"test_cuda.py", "test_triton_gpu.py"}
+
+
+def pytest_collection_modifyitems(items):
+    for item in items:
+        if item.path.name in _GPU_MODULES:
+            item.add_marker(pytest.mark.gpu)

@@ -363,6 +363,7 @@ def _nccl_worker(rank: int, world: int, out: Path) -> None:
     torch.save(full_state_dict(averager), out / f"nccl{rank}.pt")
 
 
+@pytest.mark.gpu
 @pytest.mark.skipif(not (torch.cuda.is_available() and dist.is_nccl_available()), reason="needs a CUDA device and NCCL")
 def test_fsdp2_on_cuda_with_nccl(tmp_path):
     """The FSDP2 path on a GPU with NCCL (world size: the GPUs here, 1 is enough for the code path)

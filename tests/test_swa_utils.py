@@ -355,6 +355,7 @@ def test_names_that_differ_pair_by_position_as_in_torch():
         wf.Averager(model).update(other)
 
 
+@pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a GPU")
 def test_cuda_and_mixed_device_models_match_torch():
     fn = swa_utils.get_ema_multi_avg_fn(0.9)
