@@ -15,7 +15,7 @@ from torch import nn
 from .backends.registry import select_backend
 from .method_state import UnknownMethodError, decode_calls, decode_method, encode_method
 from .methods import SWA, Method
-from .plan import NONFINITE_SLOT, ROLE_AVERAGE, ROLE_COPY, Plan, check_structure
+from .plan import NONFINITE_SLOT, ROLE_AVERAGE, ROLE_COPY, Plan, check_kernel_dtypes, check_structure
 from . import swap as _swap
 from .schedule import Action, Schedule
 from .sharded import (
@@ -251,6 +251,11 @@ class Averager(nn.Module):
         # recompiling each step; folded into _calls when a checkpoint reads it
         self.register_buffer("_traced_calls", torch.tensor(0, dtype=torch.long, device=counter_device), persistent=False)
         self._reset_caches()
+        # dtypes no kernel handles (float8 ...) fail now, naming the tensor, not at the first update
+        shadows = [t for _, t in named_tensors(self.module)]
+        num_params = sum(1 for _ in self.module.parameters())
+        check_kernel_dtypes(names, shadows, [t for _, t in named_tensors(model)],
+                            [self._role(i, n, t, num_params) for i, (n, t) in enumerate(zip(names, shadows))])
         for flat_device, _ in self._storage.flats:  # an explicit backend that cannot run fails now
             select_backend(self.backend, flat_device)
 
@@ -459,6 +464,7 @@ class Averager(nn.Module):
             else:  # a copy into host memory must land before the CPU kernel reads it: blocking there
                 n = counter.to(plan.device, non_blocking=plan.device.type != "cpu")
             backend.update(plan, self.method, n, own and not tracking, seed, guard, skipped if own else None, guard)
+            plan.mark_stream()
             counted = counted or own
         if counted:
             return
@@ -475,6 +481,7 @@ class Averager(nn.Module):
         when no plan lives there to bump the counters, else None."""
         for plan, backend in self._runs:
             backend.check_nonfinite(plan)
+            plan.mark_stream()
         if self._sharded_runs and torch.distributed.is_initialized():
             # Each rank checked its own shards: an Inf on one rank must skip the update on all of
             # them, or their averages (and n_averaged) drift apart. One tiny all-reduce per plan,
@@ -691,6 +698,13 @@ class Averager(nn.Module):
         self._model_ref, self._model_slots, self._plan_key = weakref.ref(model), slots, None
         return tensors
 
+    def _role(self, index: int, name: str, shadow: torch.Tensor, num_params: int) -> int:
+        """ROLE_AVERAGE for floating parameters (and buffers with use_buffers) not excluded."""
+        averaged = index < num_params or self.use_buffers
+        if shadow.is_floating_point() and averaged and not _excluded(name, self.exclude):
+            return ROLE_AVERAGE
+        return ROLE_COPY
+
     def _check_pairing(self, names: list[str], models: list[torch.Tensor], shadows: list[torch.Tensor]) -> None:
         """Raise ``ValueError`` unless the model's tensors pair with the shadows by name."""
         check_structure(self._shadow_names, shadows, names, models)
@@ -708,14 +722,7 @@ class Averager(nn.Module):
             by_device.setdefault(shadow.device, []).append(index)
         runs = []
         for device, indices in by_device.items():
-            roles = [
-                ROLE_AVERAGE
-                if shadows[i].is_floating_point()
-                and (i < num_params or self.use_buffers)
-                and not _excluded(self._shadow_names[i], self.exclude)
-                else ROLE_COPY
-                for i in indices
-            ]
+            roles = [self._role(i, self._shadow_names[i], shadows[i], num_params) for i in indices]
             plan = Plan(
                 [self._shadow_names[i] for i in indices],
                 [shadows[i] for i in indices],

@@ -29,6 +29,7 @@ __all__ = [
     "FLAG_ALIGNED",
     "Plan",
     "check_structure",
+    "check_kernel_dtypes",
     "block_table",
 ]
 
@@ -104,6 +105,37 @@ def check_structure(
             raise ValueError(f"tensor {name!r}: model dtype {model.dtype} cannot update a {shadow.dtype} average")
 
 
+def check_kernel_dtypes(
+    names: Sequence[str], shadows: Sequence[torch.Tensor], models: Sequence[torch.Tensor], roles: Sequence[int]
+) -> None:
+    """Raise ``ValueError`` naming the first tensor the kernels cannot handle: a floating dtype
+    without a kernel code (float8 ...) that is to be averaged, or cast to another dtype. Such
+    tensors are copied byte for byte only where shadow and model dtypes are equal.
+
+    >>> x8 = torch.zeros(2, dtype=torch.float8_e4m3fn)
+    >>> check_kernel_dtypes(["w"], [x8], [x8], [ROLE_COPY])  # an equal-dtype copy is fine
+    >>> check_kernel_dtypes(["w"], [x8], [x8], [ROLE_AVERAGE])
+    Traceback (most recent call last):
+    ...
+    ValueError: tensor 'w': dtype torch.float8_e4m3fn cannot be averaged by wavg_fused (its kernels average float16, bfloat16, float32 and float64); exclude it (exclude=['w']) or keep it in a supported dtype
+    """
+    for name, shadow, model, role in zip(names, shadows, models, roles):
+        unsupported = next((t.dtype for t in (model, shadow) if t.is_floating_point() and t.dtype not in DTYPE_CODES), None)
+        if unsupported is None:
+            continue
+        if role == ROLE_AVERAGE:
+            raise ValueError(
+                f"tensor {name!r}: dtype {unsupported} cannot be averaged by wavg_fused (its kernels average "
+                f"float16, bfloat16, float32 and float64); exclude it (exclude=[{name!r}]) or keep it in a "
+                "supported dtype"
+            )
+        if model.dtype != shadow.dtype:
+            raise ValueError(
+                f"tensor {name!r}: cannot copy a {model.dtype} model tensor into a {shadow.dtype} average "
+                "(no kernel converts that dtype); leave dtype= unset for it or keep the model in a supported dtype"
+            )
+
+
 def block_table(numels: Sequence[int], block_elems: int, device: torch.device | str = "cpu") -> torch.Tensor:
     """``[num_blocks, 2]`` int64: (tensor index, start element) of each ``block_elems`` piece.
 
@@ -161,6 +193,7 @@ class Plan:
         self.spare_count = torch.zeros((), dtype=torch.long, device=self.device)
         self.numels = [s.numel() for s in self.shadows]
         self.backend_cache: dict[str, object] = {}
+        check_kernel_dtypes(self.names, self.shadows, self.models, self.roles)
         self._staged: list[tuple[torch.Tensor, torch.Tensor]] = []  # (staging buffer, model tensor)
         self.readable_models = []  # what kernels read: the model tensor itself or its staging buffer
         for shadow, model in zip(self.shadows, self.models):
@@ -170,8 +203,18 @@ class Plan:
                 self.readable_models.append(staging)
             else:
                 self.readable_models.append(model)
+        # Staged copies from another GPU are stream-ordered (non-blocking is safe); from host memory,
+        # pinned memory makes a non-blocking copy truly asynchronous, and the optimizer could
+        # overwrite the weights before the copy reads them: those copies block.
+        ordered = [m.device.type != "cpu" and s.device.type != "cpu" for s, m in self._staged]
+        self._staged_from_device = [pair for pair, o in zip(self._staged, ordered) if o]
+        self._staged_blocking = [pair for pair, o in zip(self._staged, ordered) if not o]
         self._tables: dict[tuple[str, int], torch.Tensor] = {}
         self._layouts: list[tuple[int, torch.Size, tuple[int, ...], torch.dtype]] | None = None
+        # CUDA streams whose use of this plan's memory the allocator knows (mark_stream), and how
+        # much memory there was then: tables and backend caches are made lazily, at first use
+        self._streams_seen: set[int] = set()
+        self._memory_version = (0, 0)
 
     def model_layouts(self) -> list[tuple[int, torch.Size, tuple[int, ...], torch.dtype]]:
         """(storage offset, shape, strides, dtype) of each model tensor when first asked, kept
@@ -187,12 +230,47 @@ class Plan:
 
     def stage(self) -> None:
         """Copy the model tensors kernels cannot read in place into their staging buffers."""
-        if self._staged:
-            # Into a GPU: stream-ordered, so non-blocking is safe. Into host memory the CPU kernel
-            # reads next, so the copy must have landed: blocking (a CPU average of a GPU model
-            # waits for the GPU by nature).
-            non_blocking = self.device.type != "cpu"
-            torch._foreach_copy_([s for s, _ in self._staged], [m for _, m in self._staged], non_blocking=non_blocking)
+        # Into host memory the CPU kernel reads next, so that copy must have landed: blocking too
+        # (a CPU average of a GPU model waits for the GPU by nature).
+        for pairs, non_blocking in ((self._staged_from_device, True), (self._staged_blocking, False)):
+            if pairs:
+                torch._foreach_copy_([s for s, _ in pairs], [m for _, m in pairs], non_blocking=non_blocking)
+
+    def device_memory(self) -> list[torch.Tensor]:
+        """Every tensor of this plan that a launch reads or writes besides the model's: storage
+        buffers, tables, workspace, counters, staging buffers and what backends cached."""
+        found = [*self.flats, self.workspace, self.spare_count, *self._tables.values()]
+        found += [staging for staging, _ in self._staged]
+        pending = list(self.backend_cache.values())
+        while pending:
+            item = pending.pop()
+            if isinstance(item, torch.Tensor):
+                found.append(item)
+            elif isinstance(item, (tuple, list)):
+                pending.extend(item)
+            elif isinstance(item, dict):
+                pending.extend(item.values())
+        return found
+
+    def mark_stream(self) -> None:
+        """Call after each launch: tell the caching allocator that the current CUDA stream uses
+        this plan's memory (once per stream and per set of tensors: record_stream is consulted
+        when memory is freed, so once covers every later launch), so memory of a plan dropped
+        while a side stream's launch is still queued is not handed out again under it.
+        A captured CUDA graph is not a stream: README (CUDA graphs) gives its rule."""
+        if self.device.type != "cuda" or torch.compiler.is_compiling():
+            return
+        version = (len(self._tables), len(self.backend_cache))
+        if version != self._memory_version:
+            self._memory_version = version
+            self._streams_seen.clear()
+        stream = torch.cuda.current_stream(self.device)
+        if stream.stream_id in self._streams_seen or torch.cuda.is_current_stream_capturing():
+            return  # (inside a capture the graph rule applies)
+        self._streams_seen.add(stream.stream_id)
+        for tensor in self.device_memory():
+            if tensor.device.type == "cuda":
+                tensor.record_stream(stream)
 
     def unstage(self) -> None:
         """After a transfer wrote the staging buffers, copy them back into their model tensors."""

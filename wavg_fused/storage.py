@@ -15,6 +15,8 @@ from torch import nn
 __all__ = ["ALIGN_BYTES", "ShadowStorage", "named_tensors", "dense_strides", "pack_module"]
 
 ALIGN_BYTES = 16
+# Floating dtypes the kernels average (plan.DTYPE_CODES); pack_module's dtype= converts only these.
+KERNEL_FLOATS = (torch.float32, torch.float64, torch.float16, torch.bfloat16)
 
 
 def named_tensors(module: nn.Module) -> list[tuple[str, torch.Tensor]]:
@@ -71,7 +73,8 @@ def copy_into_flats(
     group_sizes: dict[tuple[torch.device, torch.dtype], int] = {}
     tensor_bytes = 0
     for key, tensor in tensors.items():
-        target_dtype = dtype if (dtype is not None and tensor.is_floating_point()) else tensor.dtype
+        # dtype= applies to the floating dtypes the kernels compute in; others (float8) keep theirs
+        target_dtype = dtype if (dtype is not None and tensor.dtype in KERNEL_FLOATS) else tensor.dtype
         target_device = torch.device(device) if device is not None else tensor.device
         group = (target_device, target_dtype)
         itemsize = torch.empty((), dtype=target_dtype, device="meta").element_size()

@@ -50,6 +50,7 @@ def _transfer(runs: Runs, mode: int) -> None:
     for plan, backend in runs:
         plan.stage()  # a staged model tensor is written through its staging buffer, then copied back
         backend.transfer(plan, mode)
+        plan.mark_stream()
         plan.unstage()
         _bump_versions(plan.models + plan.shadows if mode == MODE_SWAP else plan.models)
 
@@ -91,6 +92,7 @@ def save_model(runs: Runs) -> list[tuple[Plan, Backend]]:
     for plan, backend in runs:
         backup = _backup_plan(plan)
         backend.update(backup, SWA(), backup.spare_count, False)  # every role is a copy: the method is moot
+        backup.mark_stream()
         backups.append((backup, backend))
     return backups
 
