@@ -139,8 +139,10 @@ def test_update_on_a_side_stream(backend):
     on_side, waiting = wf.Averager(model, wf.EMA(0.5), backend=backend), wf.Averager(model, wf.EMA(0.5), backend=backend)
     reference: dict[str, torch.Tensor] = {}
     side = torch.cuda.Stream()
-    side.wait_stream(torch.cuda.current_stream())
     for step in range(4):
+        # the side stream's step must wait for the default stream's update of the last iteration
+        # (`waiting` reads the weights there), or it could change them under that read
+        side.wait_stream(torch.cuda.current_stream())
         with torch.cuda.stream(side):
             torch.cuda._sleep(2_000_000)  # a long step: an unordered update would read stale weights
             with torch.no_grad():
@@ -158,7 +160,7 @@ def test_update_on_a_side_stream(backend):
         torch.testing.assert_close(dict(waiting.module.named_parameters())[name], value, msg=name)
 
 
-@pytest.mark.parametrize("backend", [b for b in CUDA_BACKENDS if b != "triton"])
+@pytest.mark.parametrize("backend", CUDA_BACKENDS)
 def test_compiled_update_on_cuda(backend, method):
     model = nn.Sequential(nn.Linear(64, 64), nn.BatchNorm1d(64)).cuda()
     compiled_avg = wf.Averager(model, method, backend=backend, use_buffers=True)
@@ -174,3 +176,108 @@ def test_compiled_update_on_cuda(backend, method):
         eager_avg.update(model)
     for (name, a), b in zip(compiled_avg.state_dict().items(), eager_avg.state_dict().values()):
         assert torch.equal(a, b), name
+
+
+@pytest.mark.parametrize("backend", FUSED)
+@pytest.mark.parametrize("method", [wf.EMAWarmup(0.999, power=0.75), wf.PowerEMA(gamma=6.94)], ids=["warmup", "power"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+def test_schedules_on_cuda_equal_torch_backend(backend, method, dtype):
+    fused = _cuda_run("cnn", dtype, method, backend, use_buffers=True)
+    plain = _cuda_run("cnn", dtype, method, "torch", use_buffers=True)
+    for (name, a), b in zip(fused.module.state_dict().items(), plain.module.state_dict().values()):
+        ulp = torch.finfo(a.dtype).eps if a.is_floating_point() else 0
+        torch.testing.assert_close(a.double(), b.double(), rtol=2 * ulp, atol=2 * ulp, msg=name)
+
+
+@pytest.mark.parametrize("backend", CUDA_BACKENDS)
+@pytest.mark.parametrize("shadow_dtype", [None, torch.float32], ids=["exchange", "backup"])
+def test_copy_to_swap_and_swapped_on_cuda(backend, shadow_dtype):
+    """swapped() puts the average in and gives the model back bit for bit; copy_to keeps it in;
+    swap twice is the identity. bf16 model: an fp32 average goes in through a backup."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(37, 70), nn.BatchNorm1d(70), nn.Linear(70, 5)).cuda().bfloat16()
+    avg = wf.Averager(model, wf.EMA(0.5), backend=backend, dtype=shadow_dtype, use_buffers=True)
+    for _ in range(3):
+        with torch.no_grad():
+            for p in model.parameters():
+                p.add_(torch.randn_like(p))
+        avg.update(model)
+    own = {k: v.clone() for k, v in model.state_dict().items()}
+    average = {k: v.to(own[k].dtype) for k, v in avg.module.state_dict().items()}
+    with avg.swapped(model):
+        for name, value in model.state_dict().items():
+            assert torch.equal(value, average[name]), name
+    for name, value in model.state_dict().items():
+        assert torch.equal(value, own[name]), name
+    if shadow_dtype is None:
+        avg.swap(model)
+        avg.swap(model)
+        for name, value in model.state_dict().items():
+            assert torch.equal(value, own[name]), name
+    avg.copy_to(model)
+    for name, value in model.state_dict().items():
+        assert torch.equal(value, average[name]), name
+
+
+@pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs two GPUs")
+@pytest.mark.parametrize("backend", CUDA_BACKENDS)
+def test_model_on_the_second_gpu_while_the_first_is_current(backend):
+    """Kernels must run on the plan's device, not the current one (Triton launches on the current)."""
+    torch.cuda.set_device(0)
+    model = nn.Sequential(nn.Linear(40, 30), nn.BatchNorm1d(30)).to("cuda:1")
+    avg = wf.Averager(model, wf.EMA(0.5), backend=backend)
+    reference = {k: v.clone() for k, v in model.state_dict().items()}
+    for _ in range(3):
+        with torch.no_grad():
+            for p in model.parameters():
+                p.add_(1.0)
+        avg.update(model)
+        for name, p in model.named_parameters():
+            reference[name] = p.detach().clone() if int(avg.n_averaged) == 1 else reference[name] + 0.5 * (p.detach() - reference[name])
+    for name, p in avg.module.named_parameters():
+        assert p.device == torch.device("cuda:1")
+        torch.testing.assert_close(p, reference[name], msg=name)
+
+
+@pytest.mark.parametrize("backend", CUDA_BACKENDS)
+def test_pinned_host_model_is_read_before_the_next_step(backend):
+    """A model in pinned host memory averaged on the GPU: update() has read the weights when it
+    returns, so an optimizer step right after cannot leak into this update."""
+    weights = [torch.randn(1 << 20).pin_memory() for _ in range(4)]
+    model = nn.ParameterList([nn.Parameter(w) for w in weights])
+    avg = wf.Averager(model, wf.EMA(0.5), device="cuda", backend=backend)
+    for step in range(3):
+        before = [p.detach().clone() for p in model]
+        avg.update(model)
+        with torch.no_grad():
+            for p in model:
+                p.add_(1000.0)  # the "optimizer step" right after update() returned
+        if step == 0:
+            expected = [b.cuda() for b in before]
+        else:
+            expected = [e + 0.5 * (b.cuda() - e) for e, b in zip(expected, before)]
+    torch.cuda.synchronize()
+    for got, want in zip(avg.module, expected):
+        torch.testing.assert_close(got, want)
+
+
+@pytest.mark.parametrize("backend", FUSED)
+def test_plan_memory_is_marked_for_the_side_stream(backend, monkeypatch):
+    """Updates on a side stream record that stream on every tensor of the plan, so memory
+    freed with the plan is not reused while the stream's launch is queued."""
+    recorded = []
+    real = torch.Tensor.record_stream
+    monkeypatch.setattr(torch.Tensor, "record_stream", lambda t, s: (recorded.append((t.data_ptr(), s.stream_id)), real(t, s)))
+    model = nn.Sequential(nn.Linear(64, 64), nn.BatchNorm1d(64)).cuda()
+    avg = wf.Averager(model, wf.EMA(0.5), backend=backend, skip_nonfinite=True)
+    avg.update(model)  # plan built and used on the default stream
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        avg.update(model)
+        avg.update(model)
+    torch.cuda.current_stream().wait_stream(side)
+    plan = avg._runs[0][0]
+    on_side = {ptr for ptr, stream in recorded if stream == side.stream_id}
+    missing = [t.shape for t in plan.device_memory() if t.is_cuda and t.data_ptr() not in on_side]
+    assert not missing, missing
