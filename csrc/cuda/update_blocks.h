@@ -38,8 +38,8 @@ constexpr int64_t kBlockElems = 4096;
 
 // A thread's place in its block: threadIdx.x and blockDim.x on the GPU, a loop counter when emulated.
 struct Lane {
-  int64_t index;
-  int64_t count;
+  unsigned index;
+  unsigned count;
 };
 
 // 16 bytes moved by one vector load or store (uint4 on the GPU, which g++ does not know).
@@ -118,40 +118,41 @@ WAVG_BLOCK_FN void with_float_type(int64_t code, Fn&& fn) {
   }
 }
 
-// ---- the lane's share of one range -----------------------------------------------------------
-// Every function below handles elements (or bytes) [begin, end) of one tensor, the lane taking
-// every lane.count-th vector, then every lane.count-th element of the tail. `vector`: both bases
-// are 16-byte aligned and begin is a multiple of the pack width (block starts are multiples of
-// kBlockElems), so 16-byte loads are safe.
+// ---- the lane's share of one block's range -------------------------------------------------
+// Every function below handles the `count` elements (or bytes) of one block, its pointers already
+// at the block's first element: the lane takes every lane.count-th 16-byte vector, then every
+// lane.count-th element of the tail. A block spans at most kBlockElems elements, so offsets inside
+// it are 32-bit and unsigned (which ptxas keeps in fewer registers than int64_t or int indices). `vector`: both pointers are 16-byte aligned
+// (the plan's aligned flag; block starts are multiples of kBlockElems elements), so 16-byte loads
+// and stores are safe.
 
-// Bytes [begin, end), 16 at a time where aligned.
-WAVG_BLOCK_FN void copy_bytes(char* __restrict__ dst, const char* __restrict__ src, int64_t begin, int64_t end,
-                              bool aligned, Lane lane) {
-  int64_t tail = begin;
-  if (aligned && begin % 16 == 0) {
-    const int64_t vectors = (end - begin) / 16;
-    for (int64_t v = lane.index; v < vectors; v += lane.count) {
-      reinterpret_cast<Bytes16*>(dst + begin)[v] = reinterpret_cast<const Bytes16*>(src + begin)[v];
+// Bytes [0, count).
+WAVG_BLOCK_FN void copy_bytes(char* __restrict__ dst, const char* __restrict__ src, unsigned count, bool vector,
+                              Lane lane) {
+  unsigned tail = 0;
+  if (vector) {
+    const unsigned vectors = count / 16;
+    for (unsigned v = lane.index; v < vectors; v += lane.count) {
+      reinterpret_cast<Bytes16*>(dst)[v] = reinterpret_cast<const Bytes16*>(src)[v];
     }
-    tail = begin + vectors * 16;
+    tail = vectors * 16;
   }
-  for (int64_t i = tail + lane.index; i < end; i += lane.count) dst[i] = src[i];
+  for (unsigned i = tail + lane.index; i < count; i += lane.count) dst[i] = src[i];
 }
 
-// kModeSwap: exchange bytes [begin, end) of two tensors of one dtype.
-WAVG_BLOCK_FN void swap_bytes(char* __restrict__ a, char* __restrict__ b, int64_t begin, int64_t end, bool aligned,
-                              Lane lane) {
-  int64_t tail = begin;
-  if (aligned && begin % 16 == 0) {
-    const int64_t vectors = (end - begin) / 16;
-    for (int64_t v = lane.index; v < vectors; v += lane.count) {
-      const Bytes16 x = reinterpret_cast<const Bytes16*>(a + begin)[v];
-      reinterpret_cast<Bytes16*>(a + begin)[v] = reinterpret_cast<const Bytes16*>(b + begin)[v];
-      reinterpret_cast<Bytes16*>(b + begin)[v] = x;
+// kModeSwap: exchange bytes [0, count) of two tensors of one dtype.
+WAVG_BLOCK_FN void swap_bytes(char* __restrict__ a, char* __restrict__ b, unsigned count, bool vector, Lane lane) {
+  unsigned tail = 0;
+  if (vector) {
+    const unsigned vectors = count / 16;
+    for (unsigned v = lane.index; v < vectors; v += lane.count) {
+      const Bytes16 x = reinterpret_cast<const Bytes16*>(a)[v];
+      reinterpret_cast<Bytes16*>(a)[v] = reinterpret_cast<const Bytes16*>(b)[v];
+      reinterpret_cast<Bytes16*>(b)[v] = x;
     }
-    tail = begin + vectors * 16;
+    tail = vectors * 16;
   }
-  for (int64_t i = tail + lane.index; i < end; i += lane.count) {
+  for (unsigned i = tail + lane.index; i < count; i += lane.count) {
     const char x = a[i];
     a[i] = b[i];
     b[i] = x;
@@ -161,23 +162,22 @@ WAVG_BLOCK_FN void swap_bytes(char* __restrict__ a, char* __restrict__ b, int64_
 // out <- in across float dtypes, through Via (the shadow's opmath, as the cpu kernel casts): a
 // copy-role shadow from its model, or kModeCopyToModel's model from its shadow. Reads `in` only.
 template <typename Out, typename In, typename Via>
-WAVG_BLOCK_FN void convert_range(Out* __restrict__ out, const In* __restrict__ in, int64_t begin, int64_t end,
-                                 bool vector, Lane lane) {
+WAVG_BLOCK_FN void convert_range(Out* __restrict__ out, const In* __restrict__ in, unsigned count, bool vector,
+                                 Lane lane) {
   constexpr int N = pack_width<Out, In>();
-  int64_t tail = begin;
+  unsigned tail = 0;
   if (vector) {
-    const int64_t vectors = (end - begin) / N;
-    for (int64_t v = lane.index; v < vectors; v += lane.count) {
-      const int64_t i = begin + v * N;
-      const auto x = *reinterpret_cast<const Pack<In, N>*>(in + i);
+    const unsigned vectors = count / N;
+    for (unsigned v = lane.index; v < vectors; v += lane.count) {
+      const auto x = *reinterpret_cast<const Pack<In, N>*>(in + v * N);
       Pack<Out, N> y;
       WAVG_UNROLL
       for (int j = 0; j < N; ++j) y.v[j] = static_cast<Out>(static_cast<Via>(x.v[j]));
-      *reinterpret_cast<Pack<Out, N>*>(out + i) = y;
+      *reinterpret_cast<Pack<Out, N>*>(out + v * N) = y;
     }
-    tail = begin + vectors * N;
+    tail = vectors * N;
   }
-  for (int64_t i = tail + lane.index; i < end; i += lane.count) out[i] = static_cast<Out>(static_cast<Via>(in[i]));
+  for (unsigned i = tail + lane.index; i < count; i += lane.count) out[i] = static_cast<Out>(static_cast<Via>(in[i]));
 }
 
 // The averaged value of one element, in opmath.
@@ -189,25 +189,24 @@ WAVG_BLOCK_FN opmath_t<S> average_value(S s, M m, opmath_t<S> w, opmath_t<S> one
 
 // shadow <- average(shadow, model), rounded to nearest.
 template <typename S, typename M>
-WAVG_BLOCK_FN void average_range(S* __restrict__ shadow, const M* __restrict__ model, int64_t begin, int64_t end,
-                                 bool vector, const Step& k, Lane lane) {
+WAVG_BLOCK_FN void average_range(S* __restrict__ shadow, const M* __restrict__ model, unsigned count, bool vector,
+                                 const Step& k, Lane lane) {
   using Op = opmath_t<S>;
   constexpr int N = pack_width<S, M>();
   const Op w = k.weight<Op>(), omw = k.one_minus<Op>();
-  int64_t tail = begin;
+  unsigned tail = 0;
   if (vector) {
-    const int64_t vectors = (end - begin) / N;
-    for (int64_t v = lane.index; v < vectors; v += lane.count) {
-      const int64_t i = begin + v * N;
-      auto s = *reinterpret_cast<const Pack<S, N>*>(shadow + i);
-      const auto m = *reinterpret_cast<const Pack<M, N>*>(model + i);
+    const unsigned vectors = count / N;
+    for (unsigned v = lane.index; v < vectors; v += lane.count) {
+      auto s = *reinterpret_cast<const Pack<S, N>*>(shadow + v * N);
+      const auto m = *reinterpret_cast<const Pack<M, N>*>(model + v * N);
       WAVG_UNROLL
       for (int j = 0; j < N; ++j) s.v[j] = static_cast<S>(average_value(s.v[j], m.v[j], w, omw, k.from_shadow));
-      *reinterpret_cast<Pack<S, N>*>(shadow + i) = s;
+      *reinterpret_cast<Pack<S, N>*>(shadow + v * N) = s;
     }
-    tail = begin + vectors * N;
+    tail = vectors * N;
   }
-  for (int64_t i = tail + lane.index; i < end; i += lane.count) {
+  for (unsigned i = tail + lane.index; i < count; i += lane.count) {
     shadow[i] = static_cast<S>(average_value(shadow[i], model[i], w, omw, k.from_shadow));
   }
 }
@@ -216,31 +215,30 @@ WAVG_BLOCK_FN c10::BFloat16 round_bf16(float value, uint32_t random) {
   return c10::BFloat16(stochastic_round_bf16(value, random), c10::BFloat16::from_bits());
 }
 
-// A bf16 shadow <- average(shadow, model), rounded stochastically. One Philox call serves the 4
-// elements of a group (storage elements 4g .. 4g+3), and the 4 words are indexed by constants only
-// (a dynamic index would put them in local memory). Vector path: the shadow's storage offset
-// `first` is a multiple of 4 (16-byte aligned shadows in a 16-byte aligned buffer always are), so
-// packs of 8 or 4 hold whole groups and a pack of 2 (an fp64 model) half of one. Tail: the lane
-// takes whole groups, clipped to [tail, end).
+// A bf16 shadow <- average(shadow, model), rounded stochastically; `first` is the storage index
+// of the block's first element. One Philox call serves the 4 elements of a group (storage
+// elements 4g .. 4g+3), whose 4 words are indexed by constants only (a dynamic index would put
+// them in local memory). Vector path, when `first` is a multiple of 4 (16-byte aligned shadows in
+// a 16-byte aligned buffer always are): packs of 8 or 4 hold whole groups, a pack of 2 (an fp64
+// model) half of one. Tail: the lane takes whole groups, clipped to the tail.
 template <typename M>
 WAVG_BLOCK_FN void average_bf16_stochastic(c10::BFloat16* __restrict__ shadow, const M* __restrict__ model,
-                                           int64_t begin, int64_t end, int64_t first, bool vector, const Step& k,
-                                           Lane lane) {
+                                           unsigned count, int64_t first, bool vector, const Step& k, Lane lane) {
   using S = c10::BFloat16;
   constexpr int N = pack_width<S, M>();
   static_assert(N == 8 || N == 4 || N == 2, "bf16 packs hold 8, 4 or 2 elements");
   const float w = k.weight<float>(), omw = k.one_minus<float>();
-  int64_t tail = begin;
+  unsigned tail = 0;
   if (vector && (first & 3) == 0) {
-    const int64_t vectors = (end - begin) / N;
-    for (int64_t v = lane.index; v < vectors; v += lane.count) {
-      const int64_t i = begin + v * N;
-      auto s = *reinterpret_cast<const Pack<S, N>*>(shadow + i);
-      const auto m = *reinterpret_cast<const Pack<M, N>*>(model + i);
+    const unsigned vectors = count / N;
+    const int64_t group0 = first >> 2;
+    for (unsigned v = lane.index; v < vectors; v += lane.count) {
+      auto s = *reinterpret_cast<const Pack<S, N>*>(shadow + v * N);
+      const auto m = *reinterpret_cast<const Pack<M, N>*>(model + v * N);
       if constexpr (N >= 4) {
         WAVG_UNROLL
         for (int g = 0; g < N / 4; ++g) {
-          const Random4 random = rounding_bits(k.rounding_seed, k.n_averaged, ((first + i) >> 2) + g);
+          const Random4 random = rounding_bits(k.rounding_seed, k.n_averaged, group0 + (v * N) / 4 + g);
           WAVG_UNROLL
           for (int j = 0; j < 4; ++j) {
             s.v[4 * g + j] = round_bf16(average_value(s.v[4 * g + j], m.v[4 * g + j], w, omw, k.from_shadow),
@@ -248,45 +246,48 @@ WAVG_BLOCK_FN void average_bf16_stochastic(c10::BFloat16* __restrict__ shadow, c
           }
         }
       } else {
-        const Random4 random = rounding_bits(k.rounding_seed, k.n_averaged, (first + i) >> 2);
-        const bool upper = ((first + i) & 2) != 0;  // the pack is words 2, 3 of its group, else 0, 1
+        const Random4 random = rounding_bits(k.rounding_seed, k.n_averaged, group0 + (v >> 1));
+        const bool upper = (v & 1) != 0;  // the pack is words 2, 3 of its group, else 0, 1
         s.v[0] = round_bf16(average_value(s.v[0], m.v[0], w, omw, k.from_shadow), upper ? random.v[2] : random.v[0]);
         s.v[1] = round_bf16(average_value(s.v[1], m.v[1], w, omw, k.from_shadow), upper ? random.v[3] : random.v[1]);
       }
-      *reinterpret_cast<Pack<S, N>*>(shadow + i) = s;
+      *reinterpret_cast<Pack<S, N>*>(shadow + v * N) = s;
     }
-    tail = begin + vectors * N;
+    tail = vectors * N;
   }
-  const int64_t groups_end = (first + end + 3) >> 2;
-  for (int64_t g = ((first + tail) >> 2) + lane.index; g < groups_end; g += lane.count) {
-    const Random4 random = rounding_bits(k.rounding_seed, k.n_averaged, g);
+  // groups overlapping [tail, count): group q covers block elements 4q - lead .. 4q - lead + 3
+  const auto lead = static_cast<unsigned>(first & 3);
+  const int64_t group0 = first >> 2;
+  const unsigned groups = (lead + count + 3) >> 2;
+  for (unsigned q = ((lead + tail) >> 2) + lane.index; q < groups; q += lane.count) {
+    const Random4 random = rounding_bits(k.rounding_seed, k.n_averaged, group0 + q);
     WAVG_UNROLL
-    for (int j = 0; j < 4; ++j) {
-      const int64_t i = 4 * g + j - first;
-      if (i >= tail && i < end) {
+    for (unsigned j = 0; j < 4; ++j) {
+      const unsigned i = 4 * q + j - lead;  // wraps around below the block's first element: skipped
+      if (i >= tail && i < count) {
         shadow[i] = round_bf16(average_value(shadow[i], model[i], w, omw, k.from_shadow), random.v[j]);
       }
     }
   }
 }
 
-// Any Inf or NaN among the elements [begin, end) of one tensor, read as raw bits.
+// Any Inf or NaN among the `count` values, read as raw bits.
 template <typename Bits>
-WAVG_BLOCK_FN bool range_nonfinite(const Bits* __restrict__ values, int64_t begin, int64_t end, bool vector,
-                                   Bits exponent, Lane lane) {
+WAVG_BLOCK_FN bool range_nonfinite(const Bits* __restrict__ values, unsigned count, bool vector, Bits exponent,
+                                   Lane lane) {
   constexpr int N = 16 / sizeof(Bits);
   bool found = false;
-  int64_t tail = begin;
+  unsigned tail = 0;
   if (vector) {
-    const int64_t vectors = (end - begin) / N;
-    for (int64_t v = lane.index; v < vectors; v += lane.count) {
-      const auto pack = *reinterpret_cast<const Pack<Bits, N>*>(values + begin + v * N);
+    const unsigned vectors = count / N;
+    for (unsigned v = lane.index; v < vectors; v += lane.count) {
+      const auto pack = *reinterpret_cast<const Pack<Bits, N>*>(values + v * N);
       WAVG_UNROLL
       for (int j = 0; j < N; ++j) found |= nonfinite_bits(pack.v[j], exponent);
     }
-    tail = begin + vectors * N;
+    tail = vectors * N;
   }
-  for (int64_t i = tail + lane.index; i < end; i += lane.count) found |= nonfinite_bits(values[i], exponent);
+  for (unsigned i = tail + lane.index; i < count; i += lane.count) found |= nonfinite_bits(values[i], exponent);
   return found;
 }
 
@@ -294,29 +295,32 @@ WAVG_BLOCK_FN bool range_nonfinite(const Bits* __restrict__ values, int64_t begi
 
 // kModeAverage: average (role kAverage) or copy (role kCopy: the shadow is not read) the block's range.
 WAVG_BLOCK_FN void update_lane(const BlockWork& b, const Step& k, Lane lane) {
+  const auto count = static_cast<unsigned>(b.end - b.begin);
   if (!is_floating(b.model_code) || !is_floating(b.shadow_code) || (!b.average && b.model_code == b.shadow_code)) {
     // integers, bools, other types, and copies of equal float dtypes: the bits as they are (NaN
     // payloads too, so swap's backup restores exactly)
-    copy_bytes(b.shadow, b.model, b.begin * b.itemsize, b.end * b.itemsize, b.aligned, lane);
+    const int64_t offset = b.begin * b.itemsize;
+    copy_bytes(b.shadow + offset, b.model + offset, count * static_cast<unsigned>(b.itemsize),
+               b.aligned && offset % 16 == 0, lane);
     return;
   }
   with_float_type(b.shadow_code, [&](auto shadow_tag) {
     using S = decltype(shadow_tag);
     with_float_type(b.model_code, [&](auto model_tag) {
       using M = decltype(model_tag);
-      auto* shadow = reinterpret_cast<S*>(b.shadow);
-      const auto* model = reinterpret_cast<const M*>(b.model);
+      S* shadow = reinterpret_cast<S*>(b.shadow) + b.begin;
+      const M* model = reinterpret_cast<const M*>(b.model) + b.begin;
       if (!b.average) {
-        if constexpr (!std::is_same_v<S, M>) convert_range<S, M, opmath_t<S>>(shadow, model, b.begin, b.end, b.aligned, lane);
+        if constexpr (!std::is_same_v<S, M>) convert_range<S, M, opmath_t<S>>(shadow, model, count, b.aligned, lane);
         return;
       }
       if constexpr (std::is_same_v<S, c10::BFloat16>) {
         if (k.rounding_seed >= 0) {
-          average_bf16_stochastic(shadow, model, b.begin, b.end, b.first, b.aligned, k, lane);
+          average_bf16_stochastic(shadow, model, count, b.first + b.begin, b.aligned, k, lane);
           return;
         }
       }
-      average_range(shadow, model, b.begin, b.end, b.aligned, k, lane);
+      average_range(shadow, model, count, b.aligned, k, lane);
     });
   });
 }
@@ -324,19 +328,21 @@ WAVG_BLOCK_FN void update_lane(const BlockWork& b, const Step& k, Lane lane) {
 // kModeCopyToModel and kModeSwap: write the model from the shadow (swap: the host checked the
 // dtypes are equal).
 WAVG_BLOCK_FN void transfer_lane(const BlockWork& b, int64_t mode, Lane lane) {
-  const int64_t bytes_begin = b.begin * b.itemsize, bytes_end = b.end * b.itemsize;
+  const auto count = static_cast<unsigned>(b.end - b.begin);
+  const int64_t offset = b.begin * b.itemsize;
+  const bool bytes_vector = b.aligned && offset % 16 == 0;
   if (mode == kModeSwap) {
-    swap_bytes(b.shadow, b.model, bytes_begin, bytes_end, b.aligned, lane);
+    swap_bytes(b.shadow + offset, b.model + offset, count * static_cast<unsigned>(b.itemsize), bytes_vector, lane);
   } else if (b.model_code == b.shadow_code) {
-    copy_bytes(b.model, b.shadow, bytes_begin, bytes_end, b.aligned, lane);
+    copy_bytes(b.model + offset, b.shadow + offset, count * static_cast<unsigned>(b.itemsize), bytes_vector, lane);
   } else {
     with_float_type(b.shadow_code, [&](auto shadow_tag) {
       using S = decltype(shadow_tag);
       with_float_type(b.model_code, [&](auto model_tag) {
         using M = decltype(model_tag);
         if constexpr (!std::is_same_v<S, M>) {
-          convert_range<M, S, opmath_t<S>>(reinterpret_cast<M*>(b.model), reinterpret_cast<const S*>(b.shadow),
-                                           b.begin, b.end, b.aligned, lane);
+          convert_range<M, S, opmath_t<S>>(reinterpret_cast<M*>(b.model) + b.begin,
+                                           reinterpret_cast<const S*>(b.shadow) + b.begin, count, b.aligned, lane);
         }
       });
     });
@@ -344,13 +350,19 @@ WAVG_BLOCK_FN void transfer_lane(const BlockWork& b, int64_t mode, Lane lane) {
 }
 
 // kModeCheck: whether this lane saw an Inf or NaN among the averaged model values of the block.
+template <typename Bits>
+WAVG_BLOCK_FN bool check_bits(const BlockWork& b, Bits exponent, Lane lane) {
+  return range_nonfinite(reinterpret_cast<const Bits*>(b.model) + b.begin, static_cast<unsigned>(b.end - b.begin),
+                         b.aligned, exponent, lane);
+}
+
 WAVG_BLOCK_FN bool check_lane(const BlockWork& b, Lane lane) {
   if (!b.average) return false;
   switch (b.model_code) {
-    case kFloat32: return range_nonfinite(reinterpret_cast<const uint32_t*>(b.model), b.begin, b.end, b.aligned, kExponentF32, lane);
-    case kFloat64: return range_nonfinite(reinterpret_cast<const uint64_t*>(b.model), b.begin, b.end, b.aligned, kExponentF64, lane);
-    case kFloat16: return range_nonfinite(reinterpret_cast<const uint16_t*>(b.model), b.begin, b.end, b.aligned, kExponentF16, lane);
-    case kBFloat16: return range_nonfinite(reinterpret_cast<const uint16_t*>(b.model), b.begin, b.end, b.aligned, kExponentBF16, lane);
+    case kFloat32: return check_bits<uint32_t>(b, kExponentF32, lane);
+    case kFloat64: return check_bits<uint64_t>(b, kExponentF64, lane);
+    case kFloat16: return check_bits<uint16_t>(b, kExponentF16, lane);
+    case kBFloat16: return check_bits<uint16_t>(b, kExponentBF16, lane);
     default: return false;  // integers are always finite
   }
 }

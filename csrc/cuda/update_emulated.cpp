@@ -26,6 +26,7 @@ namespace {
 
 // Blocks per CPU task at least: 8 blocks are the cpu backend's 32K-element grain.
 constexpr int64_t kGrainBlocks = 8;
+constexpr auto kLanes = static_cast<unsigned>(kThreads);
 
 // The rows the emulation will dereference on the host (on the GPU a bad table faults the kernel;
 // here it would corrupt the process): every block's tensor index, and each row inside its buffer.
@@ -77,8 +78,8 @@ void update_emulated(at::TensorList flats, const at::Tensor& table, const at::Te
     int* nonfinite = workspace.data_ptr<int32_t>() + kNonfiniteSlot;
     for_each_block(num_blocks, [&](int64_t block) {
       const BlockWork work = decode_block(rows, pairs, block, nullptr);
-      for (int64_t lane = 0; lane < kThreads; ++lane) {
-        if (check_lane(work, Lane{lane, kThreads})) __atomic_store_n(nonfinite, 1, __ATOMIC_RELAXED);
+      for (unsigned lane = 0; lane < kLanes; ++lane) {
+        if (check_lane(work, Lane{lane, kLanes})) __atomic_store_n(nonfinite, 1, __ATOMIC_RELAXED);
       }
     });
     return;
@@ -86,7 +87,7 @@ void update_emulated(at::TensorList flats, const at::Tensor& table, const at::Te
   if (mode != kModeAverage) {  // transfer_kernel
     for_each_block(num_blocks, [&](int64_t block) {
       const BlockWork work = decode_block(rows, pairs, block, &flat_bases);
-      for (int64_t lane = 0; lane < kThreads; ++lane) transfer_lane(work, mode, Lane{lane, kThreads});
+      for (unsigned lane = 0; lane < kLanes; ++lane) transfer_lane(work, mode, Lane{lane, kLanes});
     });
     return;
   }
@@ -96,7 +97,7 @@ void update_emulated(at::TensorList flats, const at::Tensor& table, const at::Te
     const BlockWork work = decode_block(rows, pairs, block, &flat_bases);
     const BlockStart start = start_update_block(args);
     if (!start.skip) {
-      for (int64_t lane = 0; lane < kThreads; ++lane) update_lane(work, start.step, Lane{lane, kThreads});
+      for (unsigned lane = 0; lane < kLanes; ++lane) update_lane(work, start.step, Lane{lane, kLanes});
     }
     if (counts_blocks(args)) {
       // acquire-release, as __threadfence + atomicAdd: the last block sees every block's reads done
