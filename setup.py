@@ -46,6 +46,7 @@ def extensions() -> tuple[list, dict]:
         "csrc/wavg_fused.cpp",
         "csrc/module.cpp",
         "csrc/cpu/update_cpu.cpp",
+        "csrc/cuda/update_emulated.cpp",  # the CUDA kernels' code on the CPU (host compiler, always built)
         "csrc/cpu/kernel_default.cpp",
         "csrc/cpu/kernel_avx2.cpp",
         "csrc/cpu/kernel_avx512.cpp",

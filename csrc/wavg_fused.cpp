@@ -23,8 +23,18 @@ TORCH_LIBRARY(wavg_fused, m) {
       "update_(Tensor(a!)[] flats, Tensor table, Tensor blocks, Tensor(b!) n_averaged, "
       "Tensor(c!) workspace, int method, float[] params, bool bump, int rounding_seed, int action=0, "
       "bool guard=False, Tensor(d!)? n_skipped=None) -> ()");
+  // The same update run by the CUDA kernels' code on the CPU (csrc/cuda/update_emulated.cpp): the
+  // `cuda-emulated` test backend, with the cuda backend's tables (`blocks` of 4096 elements) on
+  // the CPU. CPU tensors only.
+  m.def(
+      "update_emulated_(Tensor(a!)[] flats, Tensor table, Tensor blocks, Tensor(b!) n_averaged, "
+      "Tensor(c!) workspace, int method, float[] params, bool bump, int rounding_seed, int action=0, "
+      "bool guard=False, Tensor(d!)? n_skipped=None) -> ()");
 }
 
 // The op has no outputs and nothing to differentiate: skip autograd's boxed not-implemented
 // fallback, which inspects every tensor of the lists (about 1 us per model tensor).
-TORCH_LIBRARY_IMPL(wavg_fused, Autograd, m) { m.impl("update_", torch::CppFunction::makeFallthrough()); }
+TORCH_LIBRARY_IMPL(wavg_fused, Autograd, m) {
+  m.impl("update_", torch::CppFunction::makeFallthrough());
+  m.impl("update_emulated_", torch::CppFunction::makeFallthrough());
+}

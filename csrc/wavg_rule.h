@@ -55,6 +55,16 @@ constexpr int kMaxFlats = 16;
 // calling convention made the kernel spill registers; the same formula on every backend (Triton too).
 C10_HOST_DEVICE inline double positive_pow(double x, double y) { return ::exp(y * ::log(x)); }
 
+// a * b rounded on its own, never fused with a following add: nvcc contracts by default and g++
+// on x86-64 does not, and the weight must be the same double in the CUDA kernel and on the host.
+C10_HOST_DEVICE inline double multiply_rn(double a, double b) {
+#if defined(__CUDA_ARCH__)
+  return __dmul_rn(a, b);
+#else
+  return a * b;
+#endif
+}
+
 // w_n for n = updates averaged so far; w_0 = 1 for every method (the first update copies).
 // Double precision: the kernels round it once to their compute type.
 C10_HOST_DEVICE inline double step_weight(int64_t method, const MethodParams& p, int64_t n) {
@@ -64,7 +74,7 @@ C10_HOST_DEVICE inline double step_weight(int64_t method, const MethodParams& p,
     case kSWA:
       return 1.0 / (static_cast<double>(n) + 1.0);
     case kTADEMA:
-      return 1.0 - p.v[0] * ::tanh(static_cast<double>(n));
+      return 1.0 - multiply_rn(p.v[0], ::tanh(static_cast<double>(n)));
     case kEMAWarmup: {  // v = (max decay, inv_gamma, power, min decay), as diffusers' EMAModel
       if (n == 0) return 1.0;
       const double decay = 1.0 - positive_pow(1.0 + static_cast<double>(n) / p.v[1], -p.v[2]);

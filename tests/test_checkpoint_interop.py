@@ -8,7 +8,7 @@ import warnings
 
 import pytest
 import torch
-from conftest import cached_run
+from conftest import EXACT_BACKENDS, cached_run
 from torch import nn
 from torch.optim import swa_utils
 
@@ -21,7 +21,7 @@ def _run(averager, model, states):
         averager.update_parameters(model) if hasattr(averager, "update_parameters") else averager.update(model)
 
 
-EXACT_BACKENDS = {"cpu", "torch"}  # see test_swa_utils.py: the Triton interpreter is within a few ulps
+# EXACT_BACKENDS (conftest): see test_swa_utils.py; the Triton interpreter is within a few ulps
 
 
 def _assert_equal_states(a, b, skip=("_extra_state",), backend="cpu"):

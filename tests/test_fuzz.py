@@ -57,7 +57,7 @@ from dataclasses import dataclass
 
 import pytest
 import torch
-from conftest import CPU_BACKENDS
+from conftest import CPU_BACKENDS, EXACT_BACKENDS, cpu_kernel_fma
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from reference import reference_weight
@@ -432,14 +432,9 @@ def same_fma_as_torch() -> bool:
     torch's DEFAULT): only then is bit-for-bit agreement possible. They differ when
     ``WAVG_FUSED_CPU_ISA=default`` or ``ATEN_CPU_CAPABILITY=default`` forces only one side."""
     torch_fma = torch.backends.cpu.get_cpu_capability() != "DEFAULT"
-    forced = os.environ.get("WAVG_FUSED_CPU_ISA", "")
-    if forced:
-        return (forced != "default") == torch_fma
-    if platform.machine().lower() not in ("x86_64", "amd64"):
+    if platform.machine().lower() not in ("x86_64", "amd64") and not os.environ.get("WAVG_FUSED_CPU_ISA"):
         return True  # one build elsewhere: the README's promise as stated
-    flags = open("/proc/cpuinfo").read().split() if os.path.exists("/proc/cpuinfo") else []
-    ours_fma = "avx2" in flags and "fma" in flags
-    return ours_fma == torch_fma
+    return cpu_kernel_fma() == torch_fma
 
 
 def assert_backends_agree(first: wf.Averager, second: wf.Averager, ref: FuzzReference, exact: bool) -> None:
@@ -498,6 +493,8 @@ def test_fuzz_cpu_and_torch_match_reference_and_each_other(scenario):
         assert_matches(avg, ref, backend)
     if {"cpu", "torch"} <= averagers.keys():
         assert_backends_agree(averagers["cpu"], averagers["torch"], ref, exact=bitwise_promised(scenario.method))
+    if {"cpu", "cuda-emulated"} <= averagers.keys():
+        assert_backends_agree(averagers["cuda-emulated"], averagers["cpu"], ref, exact=cpu_kernel_fma())
 
 
 @pytest.mark.skipif("triton" not in CPU_BACKENDS, reason="Triton interpreter unavailable")
@@ -600,9 +597,9 @@ def test_long_run_fp32_drift(method):
 
 
 # ------------------------------------------------------------------- what the fuzzing found (fixed)
-@pytest.mark.skipif("cpu" not in CPU_BACKENDS, reason="no compiled cpu backend")
+@pytest.mark.parametrize("backend", [b for b in ("cpu", "cuda-emulated") if b in CPU_BACKENDS and b in EXACT_BACKENDS])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
-def test_cpu_equals_torch_lerp_when_weight_above_half(dtype):
+def test_cpu_equals_torch_lerp_when_weight_above_half(dtype, backend):
     """README: the fused backends equal torch's ``_foreach_lerp_`` bit for bit for fp32, bf16,
     fp16 (EMA, SWA), also with ``EMA(0.1)`` (w = 0.9, lerp's second branch), where the kernels
     once rounded 1 - w from float64 (torch rounds w first, then subtracts)."""
@@ -610,7 +607,7 @@ def test_cpu_equals_torch_lerp_when_weight_above_half(dtype):
 
     torch.manual_seed(0)
     model = nn.Linear(16, 16).to(dtype)
-    ours = wf.AveragedModel(model, multi_avg_fn=swa_utils.get_ema_multi_avg_fn(0.1), backend="cpu")
+    ours = wf.AveragedModel(model, multi_avg_fn=swa_utils.get_ema_multi_avg_fn(0.1), backend=backend)
     theirs = swa_utils.AveragedModel(model, multi_avg_fn=swa_utils.get_ema_multi_avg_fn(0.1))
     for _ in range(3):
         with torch.no_grad():

@@ -6,7 +6,7 @@ import math
 
 import pytest
 import torch
-from conftest import cached_run
+from conftest import CPU_BACKENDS, cached_run
 from reference import Reference, assert_matches_reference, reference_weight
 
 import wavg_fused as wf
@@ -43,7 +43,7 @@ def test_step_weight_matches_reference_and_kernels_agree_with_torch(name):
     # the fused kernels compute w_n themselves: after one averaging step from a known state the
     # shadow must be s + w (m - s) with the torch formula's w
     model = torch.nn.Linear(64, 64, dtype=torch.float64)
-    for backend in wf.available_backends("cpu"):
+    for backend in CPU_BACKENDS:
         avg = wf.Averager(model, method, backend=backend)
         avg.update(model)
         avg.n_averaged.fill_(12345)

@@ -3,6 +3,7 @@ reproducible, and the same bits on every backend."""
 
 import pytest
 import torch
+from conftest import CPU_BACKENDS
 from torch import nn
 
 import wavg_fused as wf
@@ -65,7 +66,7 @@ def test_same_seed_same_bits_other_seed_other_bits(backend):
     assert not torch.equal(run(11), run(12))
 
 
-@pytest.mark.skipif(len(wf.available_backends("cpu")) < 2, reason="needs a second CPU backend")
+@pytest.mark.skipif(len(CPU_BACKENDS) < 2, reason="needs a second CPU backend")
 @pytest.mark.parametrize("model_dtype", [torch.bfloat16, torch.float32], ids=["bf16_model", "fp32_model"])
 def test_backends_draw_identical_bits(model_dtype):
     torch.manual_seed(0)
@@ -73,7 +74,7 @@ def test_backends_draw_identical_bits(model_dtype):
     averages = {
         name: wf.Averager(model, wf.TADEMA(0.95), dtype=torch.bfloat16, stochastic_rounding=True,
                           rounding_seed=2**40 + 3, backend=name)
-        for name in wf.available_backends("cpu")
+        for name in CPU_BACKENDS
     }
     for _ in range(6):
         with torch.no_grad():

@@ -9,16 +9,15 @@ import pickle
 
 import pytest
 import torch
-from conftest import cached_run
+from conftest import EXACT_BACKENDS, cached_run
 from torch import nn
 from torch.optim import swa_utils
 
 import wavg_fused as wf
 
 STEPS = 8
-# Backends whose fp32 lerp rounds as torch's CPU lerp does (one fused multiply-add): bit for bit.
-# The Triton interpreter (numpy) multiplies and adds separately: an ulp per update, a few over a run.
-EXACT_BACKENDS = {"cpu", "torch"}
+# EXACT_BACKENDS (conftest): bit for bit with torch's CPU lerp; the Triton interpreter (numpy)
+# multiplies and adds separately: an ulp per update, a few over a run.
 
 
 def _ulps(backend: str) -> int:

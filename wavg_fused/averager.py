@@ -140,7 +140,8 @@ class Averager(nn.Module):
         device: where the averaged copy lives (default: where each model tensor is).
         dtype: floating-point dtype of the averaged copy, e.g. ``torch.float32`` for an fp32
             average of a bf16 model (default: the model's dtypes).
-        backend: ``"auto"``, ``"cuda"``, ``"triton"``, ``"cpu"`` or ``"torch"``.
+        backend: ``"auto"``, ``"cuda"``, ``"triton"``, ``"cpu"`` or ``"torch"`` (or the test tool
+            ``"cuda-emulated"``: the CUDA kernel's code on CPU tensors, never chosen by ``"auto"``).
         stochastic_rounding: round averaged bfloat16 tensors up or down at random (unbiased)
             instead of to nearest, so a bf16 EMA with decay near 1 keeps moving. The random bits
             are a function of ``rounding_seed``, the update count and the element, so results

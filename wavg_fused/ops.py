@@ -13,7 +13,7 @@ import torch
 from . import _C  # noqa: F401  (registers torch.ops.wavg_fused.*)
 from .plan import COLUMNS
 
-__all__ = ["update_"]
+__all__ = ["update_", "update_emulated_"]
 
 
 def update_(
@@ -51,7 +51,29 @@ def update_(
     )
 
 
-@torch.library.register_fake("wavg_fused::update_")
+def update_emulated_(
+    flats: Sequence[torch.Tensor],
+    table: torch.Tensor,
+    blocks: torch.Tensor,
+    n_averaged: torch.Tensor,
+    workspace: torch.Tensor,
+    method: int,
+    params: Sequence[float],
+    bump: bool,
+    rounding_seed: int = -1,
+    action: int = 0,
+    guard: bool = False,
+    n_skipped: torch.Tensor | None = None,
+) -> None:
+    """``update_`` run by the CUDA kernels' code on the CPU, block by block over the cuda
+    backend's tables (``blocks`` of ``CudaBackend.block_elems``), all tensors on the CPU: the
+    ``cuda-emulated`` test backend. Same arguments and effects as ``update_``."""
+    torch.ops.wavg_fused.update_emulated_.default(
+        list(flats), table, blocks, n_averaged, workspace, method, list(params), bump, rounding_seed, action,
+        guard, n_skipped,
+    )
+
+
 def _update_fake(
     flats, table, blocks, n_averaged, workspace, method, params, bump, rounding_seed, action=0, guard=False, n_skipped=None
 ) -> None:
@@ -65,3 +87,8 @@ def _update_fake(
     torch._check(not (guard or action == 3) or workspace.numel() >= 2, lambda: "the guard needs a 2-slot workspace")
     torch._check(n_skipped is None or (n_skipped.numel() == 1 and n_skipped.dtype == torch.long), lambda: "n_skipped: one int64")
     return None
+
+
+torch.library.register_fake("wavg_fused::update_")(_update_fake)
+if hasattr(torch.ops.wavg_fused, "update_emulated_"):  # an extension built before it lacks the op
+    torch.library.register_fake("wavg_fused::update_emulated_")(_update_fake)

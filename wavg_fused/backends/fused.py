@@ -1,10 +1,15 @@
-"""The compiled backends: ``cpu`` (``csrc/cpu``) and ``cuda`` (``csrc/cuda``), one op call per update.
+"""The compiled backends: ``cpu`` (``csrc/cpu``) and ``cuda`` (``csrc/cuda``), one op call per update,
+and ``cuda-emulated``, a test tool that runs the CUDA kernels' code on CPU tensors.
 
-Both call ``torch.ops.wavg_fused.update_`` with the plan's tables; the dispatcher picks the CPU
-or CUDA kernel from the tensors' device.
+``cpu`` and ``cuda`` call ``torch.ops.wavg_fused.update_`` with the plan's tables; the dispatcher
+picks the CPU or CUDA kernel from the tensors' device. ``cuda-emulated`` calls
+``update_emulated_``, the CUDA kernels' per-block code (``csrc/cuda/update_blocks.h``) run block by
+block on the CPU over the tables the ``cuda`` backend uses.
 """
 
 from __future__ import annotations
+
+from collections.abc import Callable
 
 import torch
 
@@ -17,19 +22,21 @@ class _FusedBackend:
     name: str
     device_type: str
     block_elems: int
+    op_name = "wavg_fused::update_"
+    _launch: Callable[..., None] = staticmethod(ops.update_)
 
     def unavailable_reason(self, device: torch.device) -> str | None:
         if device.type != self.device_type:
             return f"runs on {self.device_type} tensors, not {device.type}"
-        if not torch._C._dispatch_has_kernel_for_dispatch_key("wavg_fused::update_", self.device_type.upper()):
-            return f"the compiled extension has no {self.device_type} kernel (built without it)"
+        if not torch._C._dispatch_has_kernel_for_dispatch_key(self.op_name, self.device_type.upper()):
+            return f"the compiled extension has no {self.device_type} kernel for {self.op_name} (built without it)"
         return None
 
     def update(self, plan: Plan, method: Method, n_averaged: torch.Tensor, bump: bool, rounding_seed: int = -1,
                guard: bool = False, n_skipped: torch.Tensor | None = None, staged: bool = False) -> None:
         if not staged:
             plan.stage()
-        ops.update_(
+        self._launch(
             plan.flats,
             plan.tensor_table(),
             plan.block_table(self.block_elems),
@@ -50,8 +57,8 @@ class _FusedBackend:
 
     def transfer(self, plan: Plan, mode: int) -> None:
         # the modes that read no method: copy_to, swap, and the non-finite check
-        ops.update_(plan.flats, plan.tensor_table(), plan.block_table(self.block_elems), plan.spare_count,
-                    plan.workspace, 0, [], False, -1, mode)
+        self._launch(plan.flats, plan.tensor_table(), plan.block_table(self.block_elems), plan.spare_count,
+                     plan.workspace, 0, [], False, -1, mode)
 
 
 class CpuBackend(_FusedBackend):
@@ -63,9 +70,24 @@ class CpuBackend(_FusedBackend):
 class CudaBackend(_FusedBackend):
     name = "cuda"
     device_type = "cuda"
-    block_elems = 4096  # must equal kBlockElems in csrc/cuda/update_cuda.cu
+    block_elems = 4096  # must equal kBlockElems in csrc/cuda/update_blocks.h
 
     def unavailable_reason(self, device: torch.device) -> str | None:
         if device.type == "cuda" and not torch.cuda.is_available():
             return "no CUDA device"
         return super().unavailable_reason(device)
+
+
+class CudaEmulatedBackend(_FusedBackend):
+    """A test tool, not a way to average: the ``cuda`` backend's kernel code run on CPU tensors,
+    block by block (lanes of a block in turn, blocks in parallel), over the same tensor and block
+    tables, so CPU-only test runs cover its table decoding, dtype dispatch, vector and tail paths,
+    modes, stochastic rounding and last-block bookkeeping. ``auto`` never picks it; ask for it by
+    name (``backend="cuda-emulated"`` or ``WAVG_FUSED_BACKEND=cuda-emulated``). It cannot show real
+    concurrency, the GPU's memory ordering, warp effects, timing, or nvcc's own code generation."""
+
+    name = "cuda-emulated"
+    device_type = "cpu"
+    block_elems = CudaBackend.block_elems
+    op_name = "wavg_fused::update_emulated_"
+    _launch = staticmethod(ops.update_emulated_)

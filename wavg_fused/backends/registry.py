@@ -6,6 +6,10 @@ falls back; an explicit request that cannot be met raises, naming the reason. Th
 variable ``WAVG_FUSED_BACKEND`` overrides ``"auto"`` (never an explicit argument).
 Backends whose code is missing (no compiled extension, no Triton) are registered anyway, so
 ``backend_report()`` can say why each one is unavailable.
+
+Test tools (``TEST_TOOLS``: ``cuda-emulated``, the CUDA kernels' code on CPU tensors) are
+backends too, chosen only by name: never by ``"auto"``, and listed by ``available_backends`` only
+when asked (``include_test_tools=True``, as the test suite does).
 """
 
 from __future__ import annotations
@@ -19,7 +23,7 @@ import torch
 from .base import Backend
 from .torch_backend import TorchBackend
 
-__all__ = ["BACKEND_NAMES", "PREFERENCE", "ENV_VAR", "select_backend", "available_backends", "backend_report"]
+__all__ = ["BACKEND_NAMES", "PREFERENCE", "TEST_TOOLS", "ENV_VAR", "select_backend", "available_backends", "backend_report"]
 
 ENV_VAR = "WAVG_FUSED_BACKEND"
 
@@ -29,6 +33,10 @@ PREFERENCE: dict[str, tuple[str, ...]] = {
     "cpu": ("cpu", "torch", "triton"),  # triton: under TRITON_INTERPRET=1 only (tests)
 }
 DEFAULT_PREFERENCE = ("torch",)
+# Backends for testing only, per device type: never chosen by "auto".
+TEST_TOOLS: dict[str, tuple[str, ...]] = {
+    "cpu": ("cuda-emulated",),  # the cuda backend's kernel code, emulated on the CPU
+}
 
 
 def _load_from(module: str, attribute: str) -> Callable[[], Backend]:
@@ -43,6 +51,7 @@ _LOADERS: dict[str, Callable[[], Backend]] = {
     "triton": _load_from(".triton_backend", "TritonBackend"),
     "cpu": _load_from(".fused", "CpuBackend"),
     "torch": TorchBackend,
+    "cuda-emulated": _load_from(".fused", "CudaEmulatedBackend"),
 }
 BACKEND_NAMES = tuple(_LOADERS)
 
@@ -89,14 +98,19 @@ def select_backend(requested: str, device: torch.device | str) -> Backend:
     return _loaded[requested]
 
 
-def available_backends(device: torch.device | str = "cpu") -> list[str]:
-    """Names of the backends that can update tensors on ``device``, fastest first.
+def available_backends(device: torch.device | str = "cpu", include_test_tools: bool = False) -> list[str]:
+    """Names of the backends that can update tensors on ``device``, fastest first; with
+    ``include_test_tools``, followed by the available test tools (``TEST_TOOLS``).
 
     >>> "torch" in available_backends("cpu")
     True
+    >>> "cuda-emulated" in available_backends("cpu")
+    False
     """
     device = torch.device(device)
     order = PREFERENCE.get(device.type, DEFAULT_PREFERENCE)
+    if include_test_tools:
+        order = order + TEST_TOOLS.get(device.type, ())
     return [name for name in order if _reason(name, device) is None]
 
 
@@ -118,5 +132,6 @@ def backend_report() -> str:
         for device in devices:
             reason = _reason(name, torch.device(device))
             states.append(f"{device}: {'available' if reason is None else reason}")
-        lines.append(f"  {name:7s} " + "; ".join(states))
+        tool = " (test tool)" if any(name in tools for tools in TEST_TOOLS.values()) else ""
+        lines.append(f"  {name:13s} " + "; ".join(states) + tool)
     return "\n".join(lines)
