@@ -302,8 +302,31 @@ def launch(table, blocks, flat_bases, params, n_averaged, workspace, method: int
         elif mode == 0 and bump:
             n_averaged.add_(1)
         return
-    _wavg_update_kernel[(num_blocks,)](
-        table, blocks, flat_bases, params, n_averaged, workspace, n_averaged if n_skipped is None else n_skipped,
-        num_blocks, method, seed, bump, mode, guard, n_skipped is not None,
-        BLOCK=block, NCOL=table.shape[1], num_warps=num_warps,
-    )
+    args, kwargs = launch_args(table, blocks, flat_bases, params, n_averaged, workspace, method, seed, bump,
+                               block, num_warps, mode, guard, n_skipped)
+    _wavg_update_kernel[(num_blocks,)](*args, **kwargs)
+
+
+def launch_args(table, blocks, flat_bases, params, n_averaged, workspace, method, seed, bump, block, num_warps,
+                mode=0, guard=False, n_skipped=None):
+    """The arguments ``launch`` passes to ``_wavg_update_kernel`` (what a GPU compiles for)."""
+    args = (table, blocks, flat_bases, params, n_averaged, workspace, n_averaged if n_skipped is None else n_skipped,
+            blocks.shape[0], method, seed, bump, mode, guard, n_skipped is not None)
+    return args, dict(BLOCK=block, NCOL=table.shape[1], num_warps=num_warps)
+
+
+def variants():
+    """(name, kernel, args, kwargs) of representative launches, for compiling without a GPU."""
+    import torch
+
+    table = torch.zeros(3, 9, dtype=torch.int64)
+    params = torch.zeros(4, dtype=torch.float64)
+    n = torch.zeros((), dtype=torch.int64)
+    workspace = torch.zeros(2, dtype=torch.int32)
+    out = []
+    for name, block, warps, mode, bump in (("update-4096", 4096, 8, 0, True), ("update-1024", 1024, 4, 0, True),
+                                           ("check-4096", 4096, 8, 3, False)):
+        blocks = torch.zeros(1001, 2, dtype=torch.int64)
+        args, kwargs = launch_args(table, blocks, table, params, n, workspace, 0, -1, bump, block, warps, mode)
+        out.append((name, _wavg_update_kernel, args, kwargs))
+    return out
