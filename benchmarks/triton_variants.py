@@ -1,7 +1,7 @@
 """The Triton kernel's compiled variants, measured without a GPU.
 
   python benchmarks/triton_variants.py compile [--arch 90 80] [--json FILE]
-      compiles every variant the launches use (``wavg_fused.triton.kernel.variants()``) for the
+      compiles every variant the launches use (``triton_backend.gpu_variants()``) for the
       given SM targets and prints registers, spills, shared memory and whether each pass got
       16-byte (``.v4``) global loads/stores, from the compiled kernel (metadata, cubin, PTX).
   python benchmarks/triton_variants.py count [--json FILE] [pytest args...]
@@ -16,6 +16,7 @@ Both run on the CPU (``count`` under ``TRITON_INTERPRET=1``, ``compile`` without
 from __future__ import annotations
 
 import argparse
+import inspect
 import json
 import os
 import platform
@@ -92,13 +93,15 @@ def _accesses(ptx: str) -> dict:
 
 
 def compile_variants(archs: list[int]) -> list[dict]:
-    from wavg_fused.triton import aot, kernel
     from triton.backends.compiler import GPUTarget
+
+    from wavg_fused.backends.triton_backend import gpu_variants
+    from wavg_fused.triton import aot
 
     rows = []
     for arch in archs:
         target = GPUTarget("cuda", arch, 32)
-        for name, fn, args, kwargs in kernel.variants():
+        for name, fn, args, kwargs in gpu_variants():
             began = time.perf_counter()
             compiled = aot.compile_launch(fn, args, kwargs, target)
             row = {"arch": f"sm_{arch}", "variant": name, "num_warps": kwargs.get("num_warps"),
@@ -121,37 +124,45 @@ def _format(row: dict) -> str:
 # ---- count ---------------------------------------------------------------------------------------
 
 class _Recorder:
-    """A pytest plugin that wraps the kernel module's launchable kernels and records, per
-    launch, the compile key Triton would use for sm_90."""
+    """A pytest plugin that wraps ``kernel.launch_args`` (what every launch passes) and records,
+    per launch, the compile key Triton would use for sm_90: once with the interpreter's block
+    size, as run, and once with the block size and warps the backend picks for the same plan on
+    a GPU (``triton_backend._gpu_config``), which is what a GPU run compiles."""
 
     def __init__(self) -> None:
         self.keys: dict[str, set[str]] = defaultdict(set)
+        self.interpreter_keys: set[str] = set()
         self.launches = 0
         self.current = "?"
 
     def pytest_configure(self, config):
+        import torch
+
+        from wavg_fused.backends import triton_backend
+        from wavg_fused.plan import COLUMNS, MODE_AVERAGE, block_table
         from wavg_fused.triton import aot, kernel
 
-        recorder = self
+        original = kernel.launch_args
+        signature = inspect.signature(original)
+        with_mode = "mode" in inspect.signature(triton_backend._gpu_config).parameters
+        numel_column = COLUMNS.index("numel")
+        tolist = torch.Tensor.tolist  # the real one: tests/test_host_reads.py replaces it to catch host reads
 
-        class Recording:
-            def __init__(self, fn):
-                self.fn = fn
+        def launch_args(*args, **kwargs):
+            result = original(*args, **kwargs)
+            self.launches += 1
+            self.interpreter_keys.add(aot.compile_key(kernel._wavg_update_kernel, *result))
+            bound = signature.bind(*args, **kwargs)
+            bound.apply_defaults()
+            numels = tolist(bound.arguments["table"][:, numel_column])
+            mode = bound.arguments.get("mode", MODE_AVERAGE)
+            block, warps = triton_backend._gpu_config(numels, mode) if with_mode else triton_backend._gpu_config(numels)
+            bound.arguments.update(blocks=block_table(numels, block), block=block, num_warps=warps)
+            gpu = original(*bound.args, **bound.kwargs)
+            self.keys[self.current].add(aot.compile_key(kernel._wavg_update_kernel, *gpu))
+            return result
 
-            def __getattr__(self, name):
-                return getattr(self.fn, name)
-
-            def __getitem__(self, grid):
-                def run(*args, **kwargs):
-                    recorder.launches += 1
-                    recorder.keys[recorder.current].add(aot.compile_key(self.fn, args, kwargs))
-                    return self.fn[grid](*args, **kwargs)
-                return run
-
-        for name in dir(kernel):
-            value = getattr(kernel, name)
-            if name.endswith("_kernel") and hasattr(value, "fn"):
-                setattr(kernel, name, Recording(value))
+        kernel.launch_args = launch_args
 
     def pytest_runtest_setup(self, item):
         self.current = item.nodeid.split("::")[0]
@@ -160,13 +171,12 @@ class _Recorder:
 def count(pytest_args: list[str]) -> dict:
     import pytest
 
-    os.environ.setdefault("TRITON_INTERPRET", "1")
     recorder = _Recorder()
     status = pytest.main(["-q", "-p", "no:cacheprovider", *pytest_args], plugins=[recorder])
     every = set().union(*recorder.keys.values()) if recorder.keys else set()
     per_file = {f: len(k) for f, k in sorted(recorder.keys.items())}
     return {"pytest_args": pytest_args, "pytest_status": int(status), "launches": recorder.launches,
-            "compilations": len(every), "compilations_per_file": per_file, "keys": sorted(every)}
+            "compilations": len(every), "compilations_at_interpreter_blocks": len(recorder.interpreter_keys), "compilations_per_file": per_file, "keys": sorted(every)}
 
 
 def main() -> None:
@@ -178,11 +188,15 @@ def main() -> None:
     sys.path.insert(0, str(ROOT))
     if known.what == "compile":
         os.environ.pop("TRITON_INTERPRET", None)
+        # a fresh cache, so compile_s is a compilation's time rather than a cache hit
+        os.environ.setdefault("TRITON_CACHE_DIR", tempfile.mkdtemp(prefix="triton-variants-"))
         print(" | ".join(_COLUMNS))
         result = {**_machine("/".join(map(str, known.arch))), "variants": compile_variants(known.arch)}
     else:
+        os.environ.setdefault("TRITON_INTERPRET", "1")  # before Triton is imported (its own kernels too)
         result = {**_machine("90"), **count(rest or DEFAULT_TESTS)}
-        print(f"{result['launches']} launches -> {result['compilations']} compilations on sm_90")
+        print(f"{result['launches']} launches -> {result['compilations']} compilations on sm_90 at the GPU's "
+              f"block sizes ({result['compilations_at_interpreter_blocks']} at the interpreter's)")
         for name, n in result["compilations_per_file"].items():
             print(f"  {name}: {n}")
     if known.json:
