@@ -150,10 +150,12 @@ class _Recorder:
 
         def launch_args(*args, **kwargs):
             result = original(*args, **kwargs)
-            self.launches += 1
-            self.interpreter_keys.add(aot.compile_key(kernel._wavg_update_kernel, *result))
             bound = signature.bind(*args, **kwargs)
             bound.apply_defaults()
+            if not isinstance(bound.arguments["table"], torch.Tensor):  # a test's stand-ins (test_triton_gpu)
+                return result
+            self.launches += 1
+            self.interpreter_keys.add(aot.compile_key(kernel._wavg_update_kernel, *result))
             numels = tolist(bound.arguments["table"][:, numel_column])
             mode = bound.arguments.get("mode", MODE_AVERAGE)
             block, warps = triton_backend._gpu_config(numels, mode) if with_mode else triton_backend._gpu_config(numels)
