@@ -14,19 +14,26 @@ from ..methods import Method
 from ..plan import MODE_AVERAGE, MODE_CHECK, Plan
 from ..triton import kernel  # ImportError without Triton: the registry reports it
 
-# NOTE: on a GPU the block follows the plan's typical (median) tensor size, between 1024 and 4096
-# elements, so a model of many 1k-element tensors does not mask off 3/4 of every program; 4096
-# with 8 warps matches the CUDA kernel (16 elements a thread). Not yet measured on a GPU: no
-# session with one has run it. The interpreter runs each program in Python, so it gets large
-# blocks (fewer programs) to keep the tests fast.
+# NOTE: every (BLOCK, num_warps) is a compiled variant per kernel MODE (35-110 s each with
+# Triton 3.6 on this 2-core machine), so the GPU gets two. Measured for sm_90 without a GPU
+# (benchmarks/results/triton/variants-after-*.json): the update at 4096 elements / 8 warps
+# (16 a thread, as the CUDA kernel) and at 1024 / 4 warps (8 a thread) stays under 128
+# registers, so two blocks of 256 threads fit an SM at 4096 and more at 1024; no spills, no
+# shared memory but the check's reduction. The update follows the plan's typical (median)
+# tensor: 1024 up to 2048-element tensors (a model of many 1k tensors does not mask 3/4 of every
+# program), 4096 above. Transfers and the check always use 4096 / 8: transfers are rare, the
+# check reads one model tensor and is one variant. No GPU timings exist yet. The interpreter
+# runs each program in Python, so it gets large blocks (fewer programs) to keep the tests fast.
 _INTERPRETER_BLOCK = 2048
+_SMALL, _LARGE = (1024, 4), (4096, 8)
 
 
-def _gpu_config(numels: list[int]) -> tuple[int, int]:
+def _gpu_config(numels: list[int], mode: int = MODE_AVERAGE) -> tuple[int, int]:
+    if mode != MODE_AVERAGE:
+        return _LARGE
     sizes = sorted(n for n in numels if n)
     typical = sizes[len(sizes) // 2] if sizes else 1
-    block = min(4096, max(1024, 1 << (typical - 1).bit_length()))
-    return block, max(4, block // 512)
+    return _SMALL if typical <= 2048 else _LARGE
 
 
 def _interpreting() -> bool:
@@ -43,32 +50,34 @@ class TritonBackend:
             return None if _interpreting() else "runs on CUDA tensors (on the CPU only with TRITON_INTERPRET=1)"
         return f"runs on CUDA tensors, not {device.type}"
 
-    def _cached(self, plan: Plan, method_params: tuple[float, ...]) -> tuple:
-        """(flat bases, the method's parameters, block, warps) on the plan's device, built once per
-        plan and parameters (a check or transfer between updates does not rebuild the update's)."""
+    def _cached(self, plan: Plan) -> tuple:
+        """(flat bases on the plan's device, whether every bf16 shadow starts at a multiple of 4
+        elements), built once per plan. The method's parameters are kernel arguments, by value."""
         cache = plan.backend_cache.get(self.name)
         if cache is None:
             flat_bases = torch.tensor([f.data_ptr() for f in plan.flats] or [0], dtype=torch.int64)
-            config = (_INTERPRETER_BLOCK, 4) if plan.device.type == "cpu" else _gpu_config(plan.numels)
-            cache = plan.backend_cache[self.name] = (flat_bases.to(plan.device), config, {})
-        flat_bases, config, by_params = cache
-        params = by_params.get(method_params)
-        if params is None:
-            if len(by_params) > 4:  # a method whose parameters keep changing: keep the cache small
-                by_params.clear()
-            host = torch.zeros(4, dtype=torch.float64)  # MethodParams: 4 slots, unused ones 0
-            host[: len(method_params)] = torch.tensor(method_params, dtype=torch.float64)
-            params = by_params[method_params] = host.to(plan.device)
-        return (flat_bases, params, *config)
+            # stochastic rounding draws one Philox call per 4 elements of a block: the storage's
+            # 16-byte aligned offsets guarantee whole groups (checked, not assumed)
+            grouped = all(offset % 4 == 0 for shadow, offset in zip(plan.shadows, plan.shadow_offsets)
+                          if shadow.dtype == torch.bfloat16)
+            cache = plan.backend_cache[self.name] = (flat_bases.to(plan.device), grouped)
+        return cache
+
+    def _config(self, plan: Plan, mode: int) -> tuple[int, int]:
+        return (_INTERPRETER_BLOCK, 4) if plan.device.type == "cpu" else _gpu_config(plan.numels, mode)
 
     def update(self, plan: Plan, method: Method, n_averaged: torch.Tensor, bump: bool, rounding_seed: int = -1,
                guard: bool = False, n_skipped: torch.Tensor | None = None, staged: bool = False) -> None:
-        flat_bases, params, block, warps = self._cached(plan, tuple(method.params))
+        flat_bases, grouped = self._cached(plan)
+        if rounding_seed >= 0 and not grouped:
+            raise ValueError("triton backend: stochastic rounding needs bf16 shadows at offsets that are "
+                             "multiples of 4 elements (ShadowStorage aligns them to 16 bytes)")
+        block, warps = self._config(plan, MODE_AVERAGE)
         if not staged:
             plan.stage()
         kernel.launch(
-            plan.tensor_table(), plan.block_table(block), flat_bases, params, n_averaged, plan.workspace,
-            method.code, rounding_seed, bump, block, warps, MODE_AVERAGE, guard, n_skipped,
+            plan.tensor_table(), plan.block_table(block), flat_bases, n_averaged, plan.workspace, method.code,
+            method.params, rounding_seed, bump, block, warps, MODE_AVERAGE, guard, n_skipped,
         )
 
     def check_nonfinite(self, plan: Plan) -> None:
@@ -77,8 +86,32 @@ class TritonBackend:
 
     def transfer(self, plan: Plan, mode: int) -> None:
         # the modes that read no method: copy_to, swap, and the non-finite check
-        flat_bases, params, block, warps = self._cached(plan, ())
+        flat_bases, _ = self._cached(plan)
+        block, warps = self._config(plan, mode)
         kernel.launch(
-            plan.tensor_table(), plan.block_table(block), flat_bases, params, plan.spare_count, plan.workspace,
-            0, -1, False, block, warps, mode,
+            plan.tensor_table(), plan.block_table(block), flat_bases, plan.spare_count, plan.workspace,
+            0, (), -1, False, block, warps, mode,
         )
+
+
+def gpu_variants() -> list[tuple[str, object, tuple, dict]]:
+    """(name, kernel, args, kwargs) of one launch per compiled variant a GPU uses: every
+    (MODE, STOCHASTIC, BLOCK, num_warps) the backend can launch, with arguments built by
+    ``kernel.launch_args`` (the launch path itself). Nothing else a launch passes is specialised,
+    so these are all the compilations a GPU run can cause. For compiling without a GPU."""
+    from ..plan import COLUMNS, MODE_SWAP
+
+    table = torch.zeros(1, len(COLUMNS), dtype=torch.int64)
+    n = torch.zeros((), dtype=torch.int64)
+    workspace = torch.zeros(2, dtype=torch.int32)
+    out = []
+    for (block, warps), mode, seed, name in [
+        (_SMALL, MODE_AVERAGE, -1, "update"), (_SMALL, MODE_AVERAGE, 7, "update-stochastic"),
+        (_LARGE, MODE_AVERAGE, -1, "update"), (_LARGE, MODE_AVERAGE, 7, "update-stochastic"),
+        (_gpu_config([], MODE_SWAP), MODE_SWAP, -1, "transfer"), (_gpu_config([], MODE_CHECK), MODE_CHECK, -1, "check"),
+    ]:
+        blocks = torch.zeros(3, 2, dtype=torch.int64)
+        args, kwargs = kernel.launch_args(table, blocks, table[0], n, workspace, 0, (0.999,), seed, mode == MODE_AVERAGE,
+                                          block, warps, mode)
+        out.append((f"{name}-{block}", kernel._wavg_update_kernel, args, kwargs))
+    return out

@@ -4,10 +4,23 @@ uniform per program. Same contract as the C++ kernels (``csrc/wavg_rule.h``): le
 in fp32 (fp64 for fp64 shadows), ``n_averaged`` read on the device and bumped by the last program
 to finish, stochastic rounding of bf16 shadows with Philox keyed (seed; element // 4, update count),
 bit for bit what ``wavg_fused.rounding`` computes.
+
+Compiled variants: what a launch does (``MODE``: update, transfer, check) and whether it rounds
+at random (``STOCHASTIC``) are constexprs, so each variant holds only its own pass; everything
+that changes from call to call (block count, method, its float64 parameters, seed, flags) is an
+int32 argument Triton does not specialise (``do_not_specialize``), and pointers are not
+specialised on alignment (the kernel states alignment itself, from the plan's flag). So the
+variants are ``MODE x STOCHASTIC x (BLOCK, num_warps)``, and no value a plan or a step changes
+compiles a new one. ``variants()`` lists them; ``launch_args`` is the one place that turns a
+launch into kernel arguments, used by ``launch`` and by the compile test.
 """
 
 from __future__ import annotations
 
+import struct
+from contextlib import nullcontext
+
+import torch
 import triton
 import triton.language as tl
 
@@ -20,6 +33,18 @@ _MODEL_PTR, _FLAT, _OFFSET, _NUMEL, _MODEL_DTYPE, _SHADOW_DTYPE, _ROLE, _FLAGS, 
 @triton.jit
 def _pow(x, y):  # x ** y for x > 0 in float64 (x = 0 is handled by the callers' n == 0 case)
     return tl.exp(y * tl.log(x))
+
+
+@triton.jit
+def _float64(lo, hi):
+    # a float64 passed as two int32 halves (a Python float argument would be rounded to float32)
+    bits = (hi.to(tl.int64) << 32) | lo.to(tl.uint32, bitcast=True).to(tl.int64)
+    return bits.to(tl.float64, bitcast=True)
+
+
+@triton.jit
+def _int64(lo, hi):
+    return (hi.to(tl.int64) << 32) | lo.to(tl.uint32, bitcast=True).to(tl.int64)
 
 
 @triton.jit
@@ -40,8 +65,11 @@ def _step_weight(method, p0, p1, p2, p3, n):
 
 
 @triton.jit
-def _stochastic_bf16(value, element, n, seed):
-    group = element >> 2
+def _stochastic_bf16(value, element0, n, seed, BLOCK: tl.constexpr):
+    # Elements element0 .. element0 + BLOCK - 1, element0 a multiple of 4 (the host checks shadow
+    # offsets, program starts are multiples of BLOCK): one Philox call per group of four elements,
+    # its four words interleaved so that element 4g + j takes word j of group g.
+    group = (element0 >> 2) + tl.arange(0, BLOCK // 4).to(tl.int64)
     r0, r1, r2, r3 = tl.philox(
         seed,
         (group & 0xFFFFFFFF).to(tl.uint32),
@@ -49,8 +77,8 @@ def _stochastic_bf16(value, element, n, seed):
         (n & 0xFFFFFFFF).to(tl.uint32),
         ((n >> 32) & 0xFFFFFFFF).to(tl.uint32),
     )
-    lane = element & 3
-    random = tl.where(lane == 0, r0, tl.where(lane == 1, r1, tl.where(lane == 2, r2, r3)))
+    # join(join(r0, r2), join(r1, r3))[g, j, k] is word 2j + k of group g: row-major, r0 r1 r2 r3
+    random = tl.reshape(tl.join(tl.join(r0, r2), tl.join(r1, r3)), [BLOCK])
     bits = value.to(tl.uint32, bitcast=True)
     finite = (bits & 0x7F800000) != 0x7F800000
     bits = tl.where(finite, bits + (random & 0xFFFF), bits)
@@ -76,161 +104,252 @@ def _to_shadow(value, S: tl.constexpr):
 
 
 @triton.jit
-def _update_elements(shadow_ptr, model_ptr, offs, mask, w, copy, n, seed, first, S: tl.constexpr, M: tl.constexpr):
+def _pointer(addr, start, ALIGNED: tl.constexpr, T: tl.constexpr):
+    # Element ``start`` of the tensor at ``addr``. ALIGNED (the plan's flag: both tensors start
+    # 16-byte aligned; program starts are multiples of BLOCK >= 16 elements) lets the compiler use
+    # 16-byte accesses. The hint must be given on the path that uses the pointer: a pointer
+    # hinted inside a runtime branch and used after it loses the hint at the merge.
+    ptr = addr.to(tl.pointer_type(T)) + start
+    if ALIGNED:
+        ptr = tl.multiple_of(ptr, 16)
+    return ptr
+
+
+@triton.jit
+def _update_elements(shadow, model, local, mask, w, copy, n, seed, element0,
+                     S: tl.constexpr, M: tl.constexpr, STOCHASTIC: tl.constexpr, BLOCK: tl.constexpr):
     if S == tl.float64:
         op: tl.constexpr = tl.float64
     else:
         op: tl.constexpr = tl.float32
-    m = tl.load(model_ptr + offs, mask=mask)
+    m = tl.load(model + local, mask=mask)
     if copy:
         if S == M:  # the bits as they are (NaN payloads too): swap's backup must restore exactly
-            tl.store(shadow_ptr + offs, m, mask=mask)
+            tl.store(shadow + local, m, mask=mask)
         else:
-            tl.store(shadow_ptr + offs, _to_shadow(m.to(op), S), mask=mask)
+            tl.store(shadow + local, _to_shadow(m.to(op), S), mask=mask)
     else:
         x = m.to(op)
-        s = tl.load(shadow_ptr + offs, mask=mask).to(op)
+        s = tl.load(shadow + local, mask=mask).to(op)
         value = tl.where(w < 0.5, s + w.to(op) * (x - s), x - (x - s) * (1.0 - w.to(op)))
         if S == tl.bfloat16:
-            if seed >= 0:
-                tl.store(shadow_ptr + offs, _stochastic_bf16(value, first + offs, n, seed), mask=mask)
+            if STOCHASTIC:
+                tl.store(shadow + local, _stochastic_bf16(value, element0, n, seed, BLOCK), mask=mask)
             else:
-                tl.store(shadow_ptr + offs, _nearest_bf16(value), mask=mask)
+                tl.store(shadow + local, _nearest_bf16(value), mask=mask)
         else:
-            tl.store(shadow_ptr + offs, value.to(S), mask=mask)
+            tl.store(shadow + local, value.to(S), mask=mask)
 
 
 @triton.jit
-def _update_block(shadow_addr, model_addr, offs, numel, full, w, copy, n, seed, first,
-                  S: tl.constexpr, M: tl.constexpr, ALIGNED):
-    shadow_ptr = shadow_addr.to(tl.pointer_type(S))
-    model_ptr = model_addr.to(tl.pointer_type(M))
-    # Four specialisations, so the compiler can use 16-byte accesses where they are safe: the host
-    # verified both bases are 16-byte aligned, and a full block needs no mask (a mask that may end
-    # anywhere forbids vector accesses).
-    if ALIGNED:
-        if full:
-            _update_elements(tl.multiple_of(shadow_ptr, 16), tl.multiple_of(model_ptr, 16), offs, None,
-                             w, copy, n, seed, first, S, M)
-        else:
-            _update_elements(tl.multiple_of(shadow_ptr, 16), tl.multiple_of(model_ptr, 16), offs, offs < numel,
-                             w, copy, n, seed, first, S, M)
+def _update_path(shadow_addr, model_addr, start, remaining, w, copy, n, seed, element0,
+                 S: tl.constexpr, M: tl.constexpr, STOCHASTIC: tl.constexpr, BLOCK: tl.constexpr,
+                 ALIGNED: tl.constexpr):
+    # Offsets built here, in this dtype pair's own layout (a block-wide offset tensor shared by
+    # every branch costs layout conversions through shared memory). A full block needs no mask: a
+    # mask that may end anywhere forbids vector accesses.
+    shadow = _pointer(shadow_addr, start, ALIGNED, S)
+    model = _pointer(model_addr, start, ALIGNED, M)
+    local = tl.arange(0, BLOCK)
+    if remaining >= BLOCK:
+        _update_elements(shadow, model, local, None, w, copy, n, seed, element0, S, M, STOCHASTIC, BLOCK)
     else:
-        if full:
-            _update_elements(shadow_ptr, model_ptr, offs, None, w, copy, n, seed, first, S, M)
-        else:
-            _update_elements(shadow_ptr, model_ptr, offs, offs < numel, w, copy, n, seed, first, S, M)
+        _update_elements(shadow, model, local, local < remaining, w, copy, n, seed, element0, S, M, STOCHASTIC,
+                         BLOCK)
 
 
 @triton.jit
-def _move(dst_addr, src_addr, offs, mask, W: tl.constexpr, SWAP: tl.constexpr):
-    dst = dst_addr.to(tl.pointer_type(W))
-    src = src_addr.to(tl.pointer_type(W))
-    value = tl.load(src + offs, mask=mask)
+def _update_block(shadow_addr, model_addr, start, remaining, aligned, w, copy, n, seed, element0,
+                  S: tl.constexpr, M: tl.constexpr, STOCHASTIC: tl.constexpr, BLOCK: tl.constexpr):
+    if aligned:
+        _update_path(shadow_addr, model_addr, start, remaining, w, copy, n, seed, element0, S, M, STOCHASTIC, BLOCK,
+                     True)
+    else:
+        _update_path(shadow_addr, model_addr, start, remaining, w, copy, n, seed, element0, S, M, STOCHASTIC, BLOCK,
+                     False)
+
+
+@triton.jit
+def _floating(shadow_addr, model_addr, start, remaining, aligned, w, copy, n, seed, element0, mcode,
+              S: tl.constexpr, STOCHASTIC: tl.constexpr, BLOCK: tl.constexpr):
+    if mcode == 0:
+        _update_block(shadow_addr, model_addr, start, remaining, aligned, w, copy, n, seed, element0, S, tl.float32,
+                      STOCHASTIC, BLOCK)
+    elif mcode == 1:
+        _update_block(shadow_addr, model_addr, start, remaining, aligned, w, copy, n, seed, element0, S, tl.float64,
+                      STOCHASTIC, BLOCK)
+    elif mcode == 2:
+        _update_block(shadow_addr, model_addr, start, remaining, aligned, w, copy, n, seed, element0, S, tl.float16,
+                      STOCHASTIC, BLOCK)
+    else:
+        _update_block(shadow_addr, model_addr, start, remaining, aligned, w, copy, n, seed, element0, S, tl.bfloat16,
+                      STOCHASTIC, BLOCK)
+
+
+@triton.jit
+def _move_elements(dst, src, local, mask, SWAP: tl.constexpr):
+    value = tl.load(src + local, mask=mask)
     if SWAP:
-        tl.store(src + offs, tl.load(dst + offs, mask=mask), mask=mask)
-    tl.store(dst + offs, value, mask=mask)
+        tl.store(src + local, tl.load(dst + local, mask=mask), mask=mask)
+    tl.store(dst + local, value, mask=mask)
 
 
 @triton.jit
-def _move_words(dst_addr, src_addr, offs, mask, itemsize, SWAP: tl.constexpr):
+def _move_path(dst_addr, src_addr, start, remaining, W: tl.constexpr, SWAP: tl.constexpr, COUNT: tl.constexpr,
+               ALIGNED: tl.constexpr):
+    dst = _pointer(dst_addr, start, ALIGNED, W)
+    src = _pointer(src_addr, start, ALIGNED, W)
+    local = tl.arange(0, COUNT)
+    if remaining >= COUNT:
+        _move_elements(dst, src, local, None, SWAP)
+    else:
+        _move_elements(dst, src, local, local < remaining, SWAP)
+
+
+@triton.jit
+def _move(dst_addr, src_addr, start, remaining, aligned, W: tl.constexpr, SWAP: tl.constexpr,
+          COUNT: tl.constexpr):
+    # COUNT words of type W from word ``start`` on, ``remaining`` of them valid
+    if aligned:
+        _move_path(dst_addr, src_addr, start, remaining, W, SWAP, COUNT, True)
+    else:
+        _move_path(dst_addr, src_addr, start, remaining, W, SWAP, COUNT, False)
+
+
+@triton.jit
+def _move_words(dst_addr, src_addr, start, remaining, aligned, itemsize, SWAP: tl.constexpr, BLOCK: tl.constexpr):
     # Copy (or exchange) elements as machine words of their size: any dtype, no conversion.
     if itemsize == 8:
-        _move(dst_addr, src_addr, offs, mask, tl.int64, SWAP)
+        _move(dst_addr, src_addr, start, remaining, aligned, tl.int64, SWAP, BLOCK)
     elif itemsize == 4:
-        _move(dst_addr, src_addr, offs, mask, tl.int32, SWAP)
+        _move(dst_addr, src_addr, start, remaining, aligned, tl.int32, SWAP, BLOCK)
     elif itemsize == 2:
-        _move(dst_addr, src_addr, offs, mask, tl.int16, SWAP)
+        _move(dst_addr, src_addr, start, remaining, aligned, tl.int16, SWAP, BLOCK)
     elif itemsize == 1:
-        _move(dst_addr, src_addr, offs, mask, tl.int8, SWAP)
-    else:  # 16-byte elements (complex128): two words each
-        _move(dst_addr, src_addr, offs * 2, mask, tl.int64, SWAP)
-        _move(dst_addr, src_addr, offs * 2 + 1, mask, tl.int64, SWAP)
+        _move(dst_addr, src_addr, start, remaining, aligned, tl.int8, SWAP, BLOCK)
+    else:  # 16-byte elements (complex128): two words each, BLOCK words at a time (registers)
+        _move(dst_addr, src_addr, 2 * start, 2 * remaining, aligned, tl.int64, SWAP, BLOCK)
+        _move(dst_addr, src_addr, 2 * start + BLOCK, 2 * remaining - BLOCK, aligned, tl.int64, SWAP, BLOCK)
 
 
 @triton.jit
-def _cast_to_model(shadow_addr, model_addr, offs, mask, S: tl.constexpr, M: tl.constexpr):
+def _cast_elements(shadow, model, local, mask, S: tl.constexpr, M: tl.constexpr):
     if S == tl.float64:
         op: tl.constexpr = tl.float64
     else:
         op: tl.constexpr = tl.float32
-    value = tl.load(shadow_addr.to(tl.pointer_type(S)) + offs, mask=mask).to(op)
-    tl.store(model_addr.to(tl.pointer_type(M)) + offs, _to_shadow(value, M), mask=mask)
+    value = tl.load(shadow + local, mask=mask).to(op)
+    tl.store(model + local, _to_shadow(value, M), mask=mask)
 
 
 @triton.jit
-def _cast_from(shadow_addr, model_addr, offs, mask, scode, M: tl.constexpr):
+def _cast_path(shadow_addr, model_addr, start, remaining, S: tl.constexpr, M: tl.constexpr, BLOCK: tl.constexpr,
+               ALIGNED: tl.constexpr):
+    shadow = _pointer(shadow_addr, start, ALIGNED, S)
+    model = _pointer(model_addr, start, ALIGNED, M)
+    local = tl.arange(0, BLOCK)
+    if remaining >= BLOCK:
+        _cast_elements(shadow, model, local, None, S, M)
+    else:
+        _cast_elements(shadow, model, local, local < remaining, S, M)
+
+
+@triton.jit
+def _cast_to_model(shadow_addr, model_addr, start, remaining, aligned, S: tl.constexpr, M: tl.constexpr,
+                   BLOCK: tl.constexpr):
+    if aligned:
+        _cast_path(shadow_addr, model_addr, start, remaining, S, M, BLOCK, True)
+    else:
+        _cast_path(shadow_addr, model_addr, start, remaining, S, M, BLOCK, False)
+
+
+@triton.jit
+def _cast_from(shadow_addr, model_addr, start, remaining, aligned, scode, M: tl.constexpr, BLOCK: tl.constexpr):
     if scode == 0:
-        _cast_to_model(shadow_addr, model_addr, offs, mask, tl.float32, M)
+        _cast_to_model(shadow_addr, model_addr, start, remaining, aligned, tl.float32, M, BLOCK)
     elif scode == 1:
-        _cast_to_model(shadow_addr, model_addr, offs, mask, tl.float64, M)
+        _cast_to_model(shadow_addr, model_addr, start, remaining, aligned, tl.float64, M, BLOCK)
     elif scode == 2:
-        _cast_to_model(shadow_addr, model_addr, offs, mask, tl.float16, M)
+        _cast_to_model(shadow_addr, model_addr, start, remaining, aligned, tl.float16, M, BLOCK)
     else:
-        _cast_to_model(shadow_addr, model_addr, offs, mask, tl.bfloat16, M)
+        _cast_to_model(shadow_addr, model_addr, start, remaining, aligned, tl.bfloat16, M, BLOCK)
 
 
 @triton.jit
-def _transfer(shadow_addr, model_addr, offs, mask, mode, mcode, scode, itemsize):
-    # mode 1: model <- shadow (cast when the dtypes differ); mode 2: exchange (equal dtypes)
-    if (mode == 1) & (mcode != scode):
+def _transfer(shadow_addr, model_addr, start, remaining, aligned, swap, mcode, scode, itemsize,
+              BLOCK: tl.constexpr):
+    # model <- shadow (cast when the dtypes differ), or exchange them (``swap``: equal dtypes)
+    if (swap == 0) & (mcode != scode):
         if mcode == 0:
-            _cast_from(shadow_addr, model_addr, offs, mask, scode, tl.float32)
+            _cast_from(shadow_addr, model_addr, start, remaining, aligned, scode, tl.float32, BLOCK)
         elif mcode == 1:
-            _cast_from(shadow_addr, model_addr, offs, mask, scode, tl.float64)
+            _cast_from(shadow_addr, model_addr, start, remaining, aligned, scode, tl.float64, BLOCK)
         elif mcode == 2:
-            _cast_from(shadow_addr, model_addr, offs, mask, scode, tl.float16)
+            _cast_from(shadow_addr, model_addr, start, remaining, aligned, scode, tl.float16, BLOCK)
         else:
-            _cast_from(shadow_addr, model_addr, offs, mask, scode, tl.bfloat16)
-    elif mode == 1:
-        _move_words(model_addr, shadow_addr, offs, mask, itemsize, False)
+            _cast_from(shadow_addr, model_addr, start, remaining, aligned, scode, tl.bfloat16, BLOCK)
+    elif swap == 0:
+        _move_words(model_addr, shadow_addr, start, remaining, aligned, itemsize, False, BLOCK)
     else:
-        _move_words(shadow_addr, model_addr, offs, mask, itemsize, True)
+        _move_words(shadow_addr, model_addr, start, remaining, aligned, itemsize, True, BLOCK)
 
 
 @triton.jit
-def _floating(shadow_addr, model_addr, offs, numel, full, w, copy, n, seed, first, mcode,
-              S: tl.constexpr, ALIGNED):
-    if mcode == 0:
-        _update_block(shadow_addr, model_addr, offs, numel, full, w, copy, n, seed, first, S, tl.float32, ALIGNED)
-    elif mcode == 1:
-        _update_block(shadow_addr, model_addr, offs, numel, full, w, copy, n, seed, first, S, tl.float64, ALIGNED)
-    elif mcode == 2:
-        _update_block(shadow_addr, model_addr, offs, numel, full, w, copy, n, seed, first, S, tl.float16, ALIGNED)
-    else:
-        _update_block(shadow_addr, model_addr, offs, numel, full, w, copy, n, seed, first, S, tl.bfloat16, ALIGNED)
-
-
-@triton.jit
-def _exponent_all_ones(bits_ptr, offs, mask, exponent):
+def _exponent_all_ones(bits, local, mask, other, exponent):
     # 1 if an element's exponent bits are all set (Inf or NaN: csrc/wavg_rule.h nonfinite_bits)
-    bits = tl.load(bits_ptr + offs, mask=mask, other=0)
-    return tl.max(((bits & exponent) == exponent).to(tl.int32), axis=0)
+    value = tl.load(bits + local, mask=mask, other=other)
+    return tl.max(((value & exponent) == exponent).to(tl.int32), axis=0)
 
 
 @triton.jit
-def _nonfinite(model_addr, offs, mask, mcode):
-    if mcode == 0:
-        found = _exponent_all_ones(model_addr.to(tl.pointer_type(tl.int32)), offs, mask, 0x7F800000)
-    elif mcode == 1:
-        found = _exponent_all_ones(model_addr.to(tl.pointer_type(tl.int64)), offs, mask, 0x7FF0000000000000)
-    elif mcode == 2:
-        found = _exponent_all_ones(model_addr.to(tl.pointer_type(tl.int16)), offs, mask, 0x7C00)
+def _nonfinite_path(model_addr, start, remaining, exponent, W: tl.constexpr, BLOCK: tl.constexpr,
+                    ALIGNED: tl.constexpr):
+    bits = _pointer(model_addr, start, ALIGNED, W)
+    local = tl.arange(0, BLOCK)
+    if remaining >= BLOCK:
+        found = _exponent_all_ones(bits, local, None, None, exponent)
     else:
-        found = _exponent_all_ones(model_addr.to(tl.pointer_type(tl.int16)), offs, mask, 0x7F80)
+        found = _exponent_all_ones(bits, local, local < remaining, 0, exponent)
     return found
 
 
 @triton.jit
-def _wavg_update_kernel(table_ptr, blocks_ptr, flat_bases_ptr, params_ptr, n_ptr, done_ptr, skipped_ptr, num_blocks,
-                        method, seed, bump, mode, guard, has_skipped, BLOCK: tl.constexpr, NCOL: tl.constexpr):
+def _nonfinite_words(model_addr, start, remaining, aligned, exponent, W: tl.constexpr, BLOCK: tl.constexpr):
+    if aligned:
+        found = _nonfinite_path(model_addr, start, remaining, exponent, W, BLOCK, True)
+    else:
+        found = _nonfinite_path(model_addr, start, remaining, exponent, W, BLOCK, False)
+    return found
+
+
+@triton.jit
+def _nonfinite(model_addr, start, remaining, aligned, mcode, BLOCK: tl.constexpr):
+    if mcode == 0:
+        found = _nonfinite_words(model_addr, start, remaining, aligned, 0x7F800000, tl.int32, BLOCK)
+    elif mcode == 1:
+        found = _nonfinite_words(model_addr, start, remaining, aligned, 0x7FF0000000000000, tl.int64, BLOCK)
+    elif mcode == 2:
+        found = _nonfinite_words(model_addr, start, remaining, aligned, 0x7C00, tl.int16, BLOCK)
+    else:
+        found = _nonfinite_words(model_addr, start, remaining, aligned, 0x7F80, tl.int16, BLOCK)
+    return found
+
+
+# What a launch does (compile-time MODE): the update, a transfer (copy_to or swap), the check.
+_UPDATE, _TRANSFER, _CHECK = tl.constexpr(0), tl.constexpr(1), tl.constexpr(2)
+_RUNTIME = ["num_blocks", "method", "p0_lo", "p0_hi", "p1_lo", "p1_hi", "p2_lo", "p2_hi", "p3_lo", "p3_hi",
+            "seed_lo", "seed_hi", "bump", "guard", "has_skipped", "swap"]
+_POINTERS = ["table_ptr", "blocks_ptr", "flat_bases_ptr", "n_ptr", "done_ptr", "skipped_ptr"]
+
+
+@triton.jit(do_not_specialize=_RUNTIME, do_not_specialize_on_alignment=_POINTERS)
+def _wavg_update_kernel(table_ptr, blocks_ptr, flat_bases_ptr, n_ptr, done_ptr, skipped_ptr, num_blocks, method,
+                        p0_lo, p0_hi, p1_lo, p1_hi, p2_lo, p2_hi, p3_lo, p3_hi, seed_lo, seed_hi, bump, guard,
+                        has_skipped, swap, MODE: tl.constexpr, STOCHASTIC: tl.constexpr, BLOCK: tl.constexpr,
+                        NCOL: tl.constexpr):
     pid = tl.program_id(0).to(tl.int64)  # int64 before any offset arithmetic
     t = tl.load(blocks_ptr + 2 * pid)
     start = tl.multiple_of(tl.load(blocks_ptr + 2 * pid + 1), BLOCK)  # blocks start at multiples of BLOCK
-    p0 = tl.load(params_ptr)  # float64: a Python float argument would be rounded to float32
-    p1 = tl.load(params_ptr + 1)
-    p2 = tl.load(params_ptr + 2)
-    p3 = tl.load(params_ptr + 3)
     row = table_ptr + t * NCOL
     model_addr = tl.load(row + _MODEL_PTR)
     first = tl.load(row + _OFFSET)
@@ -241,53 +360,107 @@ def _wavg_update_kernel(table_ptr, blocks_ptr, flat_bases_ptr, params_ptr, n_ptr
     aligned = (tl.load(row + _FLAGS) & 1) != 0
     itemsize = tl.load(row + _ITEMSIZE)
     shadow_addr = tl.load(flat_bases_ptr + tl.load(row + _FLAT)) + first * itemsize
-    n = tl.load(n_ptr)  # every program reads it before the last one bumps it
-    w = _step_weight(method, p0, p1, p2, p3, n)
-    offs = start + tl.arange(0, BLOCK).to(tl.int64)
-    mask = offs < numel
-    full = start + BLOCK <= numel
+    remaining = tl.minimum(numel - start, BLOCK).to(tl.int32)  # valid elements of this block
     flag_ptr = done_ptr + 1  # workspace[1]: the non-finite flag (workspace[0] counts finished programs)
-    # set by a mode-3 launch before this one, the same for every program
-    skip = (tl.load(flag_ptr) != 0) & (guard != 0)
 
-    if mode == 3:  # check only: flag an Inf or NaN among the averaged model values
+    if MODE == _CHECK:  # check only: flag an Inf or NaN among the averaged model values
         if (not copy) & (mcode <= 3):
-            if _nonfinite(model_addr, offs, mask, mcode) != 0:
+            if _nonfinite(model_addr, start, remaining, aligned, mcode, BLOCK) != 0:
                 tl.store(flag_ptr, 1)
-    elif mode != 0:  # transfers write the model and never bump (the host passes bump = False)
-        _transfer(shadow_addr, model_addr, offs, mask, mode, mcode, scode, itemsize)
-    elif skip:
-        pass  # the whole update is skipped: no shadow is written
-    elif (mcode <= 3) & (scode <= 3):
-        if scode == 0:
-            _floating(shadow_addr, model_addr, offs, numel, full, w, copy, n, seed, first, mcode, tl.float32, aligned)
-        elif scode == 1:
-            _floating(shadow_addr, model_addr, offs, numel, full, w, copy, n, seed, first, mcode, tl.float64, aligned)
-        elif scode == 2:
-            _floating(shadow_addr, model_addr, offs, numel, full, w, copy, n, seed, first, mcode, tl.float16, aligned)
-        else:
-            _floating(shadow_addr, model_addr, offs, numel, full, w, copy, n, seed, first, mcode, tl.bfloat16, aligned)
-    else:  # integers, bools and other types: copied as words
-        _move_words(shadow_addr, model_addr, offs, mask, itemsize, False)
+    elif MODE == _TRANSFER:  # transfers write the model and never bump
+        _transfer(shadow_addr, model_addr, start, remaining, aligned, swap, mcode, scode, itemsize, BLOCK)
+    else:
+        n = tl.load(n_ptr)  # every program reads it before the last one bumps it
+        # set by a check launch before this one, the same for every program
+        skip = (tl.load(flag_ptr) != 0) & (guard != 0)
+        if skip:
+            pass  # the whole update is skipped: no shadow is written
+        elif (mcode <= 3) & (scode <= 3):
+            w = _step_weight(method, _float64(p0_lo, p0_hi), _float64(p1_lo, p1_hi), _float64(p2_lo, p2_hi),
+                             _float64(p3_lo, p3_hi), n)
+            seed = _int64(seed_lo, seed_hi)
+            element0 = first + start
+            if scode == 0:
+                _floating(shadow_addr, model_addr, start, remaining, aligned, w, copy, n, seed, element0, mcode,
+                          tl.float32, STOCHASTIC, BLOCK)
+            elif scode == 1:
+                _floating(shadow_addr, model_addr, start, remaining, aligned, w, copy, n, seed, element0, mcode,
+                          tl.float64, STOCHASTIC, BLOCK)
+            elif scode == 2:
+                _floating(shadow_addr, model_addr, start, remaining, aligned, w, copy, n, seed, element0, mcode,
+                          tl.float16, STOCHASTIC, BLOCK)
+            else:
+                _floating(shadow_addr, model_addr, start, remaining, aligned, w, copy, n, seed, element0, mcode,
+                          tl.bfloat16, STOCHASTIC, BLOCK)
+        else:  # integers, bools and other types: copied as words
+            _move_words(shadow_addr, model_addr, start, remaining, aligned, itemsize, False, BLOCK)
 
-    if bump | guard:
-        finished = tl.atomic_add(done_ptr, 1)  # acq_rel: this program's reads of n and the flag came first
-        if finished == num_blocks - 1:
-            if skip:
-                if has_skipped:
-                    tl.store(skipped_ptr, tl.load(skipped_ptr) + 1)
-                tl.store(flag_ptr, 0)
-            elif bump:
-                tl.store(n_ptr, n + 1)
-            tl.store(done_ptr, 0)  # ready for the next launch and for graph replays
+        if (bump != 0) | (guard != 0):
+            finished = tl.atomic_add(done_ptr, 1)  # acq_rel: this program's reads of n and the flag came first
+            if finished == num_blocks - 1:
+                if skip:
+                    if has_skipped != 0:
+                        tl.store(skipped_ptr, tl.load(skipped_ptr) + 1)
+                    tl.store(flag_ptr, 0)
+                elif bump != 0:
+                    tl.store(n_ptr, n + 1)
+                tl.store(done_ptr, 0)  # ready for the next launch and for graph replays
 
 
-def launch(table, blocks, flat_bases, params, n_averaged, workspace, method: int, seed: int, bump: bool,
+# Plan modes (wavg_fused.plan MODE_*) -> (kernel MODE, swap)
+_KERNEL_MODE = {0: (0, 0), 1: (1, 0), 2: (1, 1), 3: (2, 0)}
+MAX_PARAMS = 4  # csrc/wavg_rule.h kMaxParams
+
+
+def _halves(bits: int) -> tuple[int, int]:
+    """A 64-bit word as (low, high) signed int32 halves: always Triton's i32, never specialised."""
+    lo, hi = bits & 0xFFFFFFFF, (bits >> 32) & 0xFFFFFFFF
+    return lo - (1 << 32) * (lo >> 31), hi - (1 << 32) * (hi >> 31)
+
+
+def _float_halves(params) -> tuple[int, ...]:
+    values = tuple(params) + (0.0,) * (MAX_PARAMS - len(params))
+    out: tuple[int, ...] = ()
+    for bits in struct.unpack(f"<{MAX_PARAMS}q", struct.pack(f"<{MAX_PARAMS}d", *values)):
+        out += _halves(bits)
+    return out
+
+
+def launch_args(table, blocks, flat_bases, n_averaged, workspace, method: int, params, seed: int, bump: bool,
+                block: int, num_warps: int, mode: int = 0, guard: bool = False, n_skipped=None) -> tuple[tuple, dict]:
+    """The positional and keyword arguments ``launch`` passes to ``_wavg_update_kernel`` (what a
+    GPU compiles for: ``tests/test_triton_compile.py`` compiles exactly these)."""
+    kernel_mode, swap = _KERNEL_MODE[mode]
+    update = kernel_mode == 0
+    stochastic = update and seed >= 0
+    num_blocks = blocks.shape[0]
+    assert num_blocks < 2**31 and len(params) <= MAX_PARAMS
+    args = (
+        table, blocks, flat_bases, n_averaged, workspace, n_averaged if n_skipped is None else n_skipped,
+        num_blocks, int(method), *_float_halves(params), *_halves(seed if stochastic else 0),
+        int(bump and update), int(guard and update), int(n_skipped is not None), swap,
+    )
+    return args, dict(MODE=kernel_mode, STOCHASTIC=int(stochastic), BLOCK=block, NCOL=table.shape[1],
+                      num_warps=num_warps)
+
+
+def _device_guard(device: torch.device):
+    """Triton launches on the current CUDA device (and its current stream): enter the plan's
+    device only when it is not the current one (a context switch costs more than the check)."""
+    if device.type != "cuda" or device.index is None or device.index == torch.cuda.current_device():
+        return nullcontext()
+    return torch.cuda.device(device.index)
+
+
+def launch(table, blocks, flat_bases, n_averaged, workspace, method: int, params, seed: int, bump: bool,
            block: int, num_warps: int, mode: int = 0, guard: bool = False, n_skipped=None) -> None:
-    """Run ``_wavg_update_kernel`` once over the plan (``blocks`` built for ``block`` elements).
+    """Run ``_wavg_update_kernel`` once over the plan (``blocks`` built for ``block`` elements),
+    on the plan's device. ``params`` are the method's float64 hyperparameters (passed by value,
+    so a changed decay costs no copy to the device); ``seed >= 0`` rounds bf16 shadows at random.
 
     ``mode`` 3 sets ``workspace[1]`` if an averaged model value is Inf or NaN; ``guard`` makes
     the update (mode 0) skip everything when that flag is set, bumping ``n_skipped`` instead.
+    Transfers (modes 1, 2) and the check never bump.
     """
     num_blocks = blocks.shape[0]
     guard = guard and mode == 0
@@ -302,8 +475,7 @@ def launch(table, blocks, flat_bases, params, n_averaged, workspace, method: int
         elif mode == 0 and bump:
             n_averaged.add_(1)
         return
-    _wavg_update_kernel[(num_blocks,)](
-        table, blocks, flat_bases, params, n_averaged, workspace, n_averaged if n_skipped is None else n_skipped,
-        num_blocks, method, seed, bump, mode, guard, n_skipped is not None,
-        BLOCK=block, NCOL=table.shape[1], num_warps=num_warps,
-    )
+    args, kwargs = launch_args(table, blocks, flat_bases, n_averaged, workspace, method, params, seed, bump,
+                               block, num_warps, mode, guard, n_skipped)
+    with _device_guard(table.device):
+        _wavg_update_kernel[(num_blocks,)](*args, **kwargs)
