@@ -14,15 +14,21 @@ import pytest
 pytest.importorskip("triton")
 
 _COMPILE = """
-import json, re
+import concurrent.futures, json, multiprocessing, os, re
 from wavg_fused.backends.triton_backend import gpu_variants
 from wavg_fused.triton import aot
-out = {}
-for name, fn, args, kwargs in gpu_variants():
+
+def compile_one(index):
+    name, fn, args, kwargs = gpu_variants()[index]
     ptx = aot.compile_launch(fn, args, kwargs, aot.SM90).asm["ptx"]
-    out[name] = {"ld_v4": len(re.findall(r"ld\\.global(?:\\.\\w+)*\\.v4", ptx)),
-                 "st_v4": len(re.findall(r"st\\.global(?:\\.\\w+)*\\.v4", ptx)),
-                 "atomic": "atom.global" in ptx}
+    return name, {"ld_v4": len(re.findall(r"ld\\.global(?:\\.\\w+)*\\.v4", ptx)),
+                  "st_v4": len(re.findall(r"st\\.global(?:\\.\\w+)*\\.v4", ptx)),
+                  "atomic": "atom.global" in ptx}
+
+# one process per variant, as many at once as there are cores: each compile is single-threaded
+context = multiprocessing.get_context("fork")
+with concurrent.futures.ProcessPoolExecutor(os.cpu_count(), mp_context=context) as pool:
+    out = dict(pool.map(compile_one, range(len(gpu_variants()))))
 print(json.dumps(out))
 """
 
