@@ -12,6 +12,7 @@
 #include <vector>
 
 #include "../method_params.h"
+#include "../plan_rows.h"
 #include "../wavg_rule.h"
 #include "kernel_api.h"
 
@@ -56,17 +57,7 @@ void check_plan(const at::TensorList flats, const at::Tensor& table) {
     TORCH_CHECK(flat.device().is_cpu() && flat.is_contiguous(),
                 "wavg_fused.update_: storage buffers must be contiguous CPU tensors");
   }
-  const int64_t* rows = table.data_ptr<int64_t>();
-  for (int64_t t = 0; t < table.size(0); ++t) {
-    const int64_t* row = rows + t * kNumColumns;
-    if (row[kNumel] == 0) continue;
-    TORCH_CHECK(row[kFlat] >= 0 && row[kFlat] < static_cast<int64_t>(flats.size()),
-                "wavg_fused.update_: tensor ", t, " names storage buffer ", row[kFlat], " of ", flats.size());
-    const at::Tensor& flat = flats[row[kFlat]];
-    TORCH_CHECK(static_cast<int64_t>(flat.element_size()) == row[kItemsize] && row[kShadowOffset] >= 0 &&
-                    row[kShadowOffset] + row[kNumel] <= flat.numel() && row[kModelPtr] != 0,
-                "wavg_fused.update_: tensor ", t, " lies outside its storage buffer");
-  }
+  check_rows_in_buffers(flats, table, "wavg_fused.update_");
 }
 
 int64_t* host_counter(const at::Tensor& counter, const char* name) {

@@ -17,6 +17,7 @@
 #include <optional>
 
 #include "../method_params.h"
+#include "../plan_rows.h"
 #include "../wavg_rule.h"
 #include "update_args.h"
 #include "update_blocks.h"
@@ -39,16 +40,10 @@ void check_tables(at::TensorList flats, const at::Tensor& table, const at::Tenso
                     pairs[2 * b + 1] < rows[pairs[2 * b] * kNumColumns + kNumel],
                 "wavg_fused.update_emulated_: block ", b, " names no element of the table");
   }
+  check_rows_in_buffers(flats, table, "wavg_fused.update_emulated_");
   for (int64_t t = 0; t < num_tensors; ++t) {
     const int64_t* row = rows + t * kNumColumns;
-    if (row[kNumel] == 0) continue;
-    TORCH_CHECK(row[kFlat] >= 0 && row[kFlat] < static_cast<int64_t>(flats.size()),
-                "wavg_fused.update_emulated_: tensor ", t, " names storage buffer ", row[kFlat], " of ", flats.size());
-    const at::Tensor& flat = flats[row[kFlat]];
-    TORCH_CHECK(static_cast<int64_t>(flat.element_size()) == row[kItemsize] && row[kShadowOffset] >= 0 &&
-                    row[kShadowOffset] + row[kNumel] <= flat.numel() && row[kModelPtr] != 0,
-                "wavg_fused.update_emulated_: tensor ", t, " lies outside its storage buffer");
-    TORCH_CHECK(mode != kModeSwap || row[kModelDtype] == row[kShadowDtype],
+    TORCH_CHECK(mode != kModeSwap || row[kNumel] == 0 || row[kModelDtype] == row[kShadowDtype],
                 "wavg_fused.update_emulated_: swap needs equal model and shadow dtypes (tensor ", t, ")");
   }
 }
