@@ -28,6 +28,34 @@ def _snapshot(model):
     return [p.detach().clone() for p in model.parameters()]
 
 
+def _seed_schedule(start, freq, steps):
+    """Seed post 002's rule, as written there (and in torchcontrib's SWA): the step counter is
+    bumped after the inner step, then ``steps > wa_start and steps % wa_freq == 0`` averages."""
+    averaged, counter = [], 0
+    for _ in range(steps):
+        counter += 1
+        if counter > start and counter % freq == 0:
+            averaged.append(counter)
+    return averaged
+
+
+@pytest.mark.parametrize("start, freq", [(10, 3), (0, 1), (0, 4), (3, 2), (5, 5), (7, 4), (2, 5), (1, 3)])
+def test_automatic_mode_averages_at_the_seed_posts_steps(start, freq):
+    model = nn.Linear(3, 2)
+    opt = WeightAverage(torch.optim.SGD(model.parameters(), lr=0.1), "swa", start=start, freq=freq)
+    averaged_at = []
+    for step in range(1, 31):
+        before = int(opt.n_averaged)
+        opt.zero_grad()
+        model(torch.ones(2, 3)).sum().backward()
+        opt.step()
+        if int(opt.n_averaged) != before:
+            averaged_at.append(step)
+    assert averaged_at == _seed_schedule(start, freq, 30)
+    if (start, freq) == (10, 3):
+        assert averaged_at[:3] == [12, 15, 18]  # the issue's example: not 13, 16, 19
+
+
 @pytest.mark.parametrize("mode", ["swa", "ema"])
 def test_automatic_mode_averages_the_scheduled_steps(mode, backend):
     model = _model()
@@ -40,7 +68,7 @@ def test_automatic_mode_averages_the_scheduled_steps(mode, backend):
         opt.zero_grad()
         model(x).square().mean().backward()
         opt.step()
-        if step > 3 and (step - 3) % 2 == 0:  # steps 5, 7, 9, 11
+        if step in _seed_schedule(3, 2, 11):  # steps 4, 6, 8, 10
             current = [p.detach().double() for p in model.parameters()]
             if expected is None:
                 expected = current

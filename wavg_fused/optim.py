@@ -41,8 +41,9 @@ class WeightAverage(torch.optim.Optimizer):
     """Wrap ``optimizer`` to keep an average of its parameters (SWA or EMA).
 
     Manual mode (``start=None``): call ``update()`` whenever the current weights should be
-    folded in. Automatic mode: ``step()`` averages after every ``freq``-th step once more than
-    ``start`` steps were taken, and, if ``swa_lr`` is given, drives the learning rate with
+    folded in. Automatic mode, as seed post 002 and torchcontrib's SWA: ``step()`` counts steps
+    from 1 and averages after step ``s`` when ``s > start and s % freq == 0`` (``start=10,
+    freq=3``: steps 12, 15, 18, ...), and, if ``swa_lr`` is given, drives the learning rate with
     torch's ``SWALR`` from step ``start`` on. ``swap()`` exchanges the averaged and the current
     weights in place (call it again to swap back); ``bn_update`` recomputes BatchNorm
     statistics for the weights now in the model (torch's ``update_bn``). ``skip_nonfinite``,
@@ -131,8 +132,8 @@ class WeightAverage(torch.optim.Optimizer):
     def step(self, closure: Callable[[], float] | None = None) -> Any:
         """The wrapped optimizer's step, then (automatic mode) the averaging schedule."""
         loss = self.optimizer.step(closure)
-        self.steps += 1
-        if self.start is not None and self.steps > self.start and (self.steps - self.start) % self.freq == 0:
+        self.steps += 1  # counted after the step, as seed post 002's step_counter
+        if self.start is not None and self.steps > self.start and self.steps % self.freq == 0:
             self.update()
         if self.swa_lr is not None and self.steps >= self.start:
             # SWALR sets the learning rate of the next step, as a scheduler stepped after the optimizer
