@@ -41,6 +41,7 @@ __all__ = ["LIMIT", "COPY_BANDWIDTH", "Proxy", "FlatOp", "FlatFused", "make_prox
 
 LIMIT = "limit"
 COPY_BANDWIDTH = "copy bandwidth"
+_FEWEST_BYTES_PER_ELEMENT = 8  # copy_'s: read 4, write 4
 _WEIGHT = 1e-3  # an EMA weight; add_ grows the buffer by about this per step: no overflow, no denormals
 
 
@@ -54,17 +55,26 @@ def is_limit(peer: str) -> bool:
     return peer == LIMIT or peer.startswith("flat ")
 
 
+def _filled(numel: int, device: torch.device) -> torch.Tensor:
+    # not zeros (they can run faster) and no denormals; linspace, not uniform_: several times
+    # cheaper to fill, and a quick run fills a few hundred MB of these per case
+    return torch.linspace(0.5, 1.5, numel, device=device)
+
+
 class _Buffers:
-    """Two flat fp32 buffers on the model's device, reallocated only when a case needs more."""
+    """Two flat fp32 buffers on the model's device, allocated once per case for the proxy that
+    needs the most elements (``copy_``, 8 bytes an element), the others using their first part."""
 
     def __init__(self) -> None:
         self.a = self.b = torch.empty(0)
+        self.nbytes = -1
 
-    def get(self, device: torch.device, numel: int) -> tuple[torch.Tensor, torch.Tensor]:
-        if self.a.device != device or self.a.numel() < numel:
+    def get(self, device: torch.device, nbytes: int, numel: int) -> tuple[torch.Tensor, torch.Tensor]:
+        if self.a.device != device or self.nbytes != nbytes:
             self.a = self.b = torch.empty(0)  # free the old pair before allocating the new one
-            self.a = torch.empty(numel, device=device).uniform_(0.5, 1.5)  # random: zeros can run faster
+            self.a = _filled(max(nbytes // _FEWEST_BYTES_PER_ELEMENT, numel), device)
             self.b = self.a.clone()
+            self.nbytes = nbytes
         return self.a[:numel], self.b[:numel]
 
 
@@ -83,8 +93,9 @@ class FlatOp:
 
     def setup(self, model: nn.Module, dtype: torch.dtype | None) -> None:
         device = next(itertools.chain(model.parameters(), model.buffers())).device
-        numel = max(model_bytes(model, dtype) // self.bytes_per_element, 1)
-        self.out, self.src = self.buffers.get(device, numel)
+        nbytes = model_bytes(model, dtype)
+        numel = max(nbytes // self.bytes_per_element, 1)
+        self.out, self.src = self.buffers.get(device, nbytes, numel)
         self.nbytes = numel * self.bytes_per_element
 
     @torch.no_grad()
@@ -109,7 +120,7 @@ class FlatFused:
         per_element = torch.empty((), dtype=model_dtype).element_size() + 2 * shadow_size
         numel = max(model_bytes(model, dtype) // per_element, 1)
         self.flat = nn.Module()
-        self.flat.weight = nn.Parameter(torch.empty(numel, device=floating[0].device).uniform_(0.5, 1.5).to(model_dtype))
+        self.flat.weight = nn.Parameter(_filled(numel, floating[0].device).to(model_dtype))
         self.avg = wf.Averager(self.flat, wf.EMA(1 - _WEIGHT), dtype=dtype, backend=self.backend)
         self.nbytes = numel * per_element
 
