@@ -84,7 +84,7 @@ class AddressWatch:
 
     def moved(self) -> bool:
         if _first_moved is not None:
-            return _first_moved(self._tables, self._keys, self._expected, self._layouts) >= 0
+            return _first_moved(self._tables, self._keys, self._expected, self._layouts, self._held) >= 0
         try:
             values = [table[key] for table, key in zip(self._tables, self._keys)]
         except KeyError:
