@@ -109,7 +109,8 @@ PyObject* first_moved(PyObject* /*self*/, PyObject* args) {
     const at::Tensor& tensor = THPVariable_Unpack(value);  // a reference: no refcount traffic
     const int64_t ndim = *layout++;
     const c10::IntArrayRef sizes = tensor.sizes(), strides = tensor.strides();
-    const bool same = reinterpret_cast<int64_t>(tensor.data_ptr()) == want[i] &&
+    // const_data_ptr: the address without materialising a copy-on-write storage
+    const bool same = reinterpret_cast<int64_t>(tensor.const_data_ptr()) == want[i] &&
                       static_cast<int64_t>(tensor.scalar_type()) == code &&
                       static_cast<int64_t>(sizes.size()) == ndim && std::equal(sizes.begin(), sizes.end(), layout) &&
                       std::equal(strides.begin(), strides.end(), layout + ndim);
