@@ -18,9 +18,9 @@ computes it, so values equal its own bit for bit on the ``cpu`` and ``torch`` ba
 
 Where it differs from ema-pytorch (README, "Coming from ema-pytorch"): integer buffers
 (BatchNorm's ``num_batches_tracked``) follow the model, where ema-pytorch never writes them after
-the deepcopy, and ``copy_params_from_ema_to_model`` writes them back too; a tensor in
-``ignore_names`` costs two small copies per update (it is saved and restored around the fused
-pass); ``allow_different_devices``, ``coerce_dtype`` and ``use_foreach`` are accepted and have no
+the deepcopy (``copy_params_from_ema_to_model`` leaves the model's own, as ema-pytorch does, at
+two small copies each); a tensor in ``ignore_names`` costs two small copies per update (it is
+saved and restored around the fused pass); ``allow_different_devices``, ``coerce_dtype`` and ``use_foreach`` are accepted and have no
 effect (the fused kernel reads any device and dtype; ema-pytorch raises without the first two);
 complex tensors are copied, not averaged; only ``nn.Module`` models (no pytrees:
 use ``ema_pytorch.EMAPytree``). Writing ``step`` costs one tiny device write per call.
@@ -39,6 +39,7 @@ use ``ema_pytorch.EMAPytree``). Writing ``step`` costs one tiny device write per
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Callable, Iterator
 from typing import Any
 
@@ -56,6 +57,16 @@ _COUNTERS = ("step", "initted")
 
 def _floating(tensor: torch.Tensor) -> bool:
     return torch.is_floating_point(tensor) or torch.is_complex(tensor)
+
+
+@contextlib.contextmanager
+def _kept(tensors: list[torch.Tensor]) -> Iterator[None]:
+    """Put ``tensors`` back as they were after the block: the few tensors ema-pytorch leaves alone
+    that the one fused pass writes (two small copies each, instead of a pass of their own)."""
+    saved = [t.clone() for t in tensors]
+    yield
+    if tensors:
+        torch._foreach_copy_(tensors, saved)
 
 
 class EMA(AveragerHolder):
@@ -183,7 +194,9 @@ class EMA(AveragerHolder):
 
     def copy_params_from_ema_to_model(self) -> None:
         assert self._averager is not None
-        self._averager.copy_to(self.model)
+        counters = [b for _, b in self.model.named_buffers() if not _floating(b)]  # the model keeps its own
+        with _kept(counters):
+            self._averager.copy_to(self.model)
 
     @torch.no_grad()
     def update_model_with_ema(self, decay: float | None = None) -> None:
@@ -237,10 +250,8 @@ class EMA(AveragerHolder):
         # ignored tensors are copied by the fused pass (they are excluded), then put back
         frozen = [self.ema_model.get_parameter(n) if n in self.parameter_names else self.ema_model.get_buffer(n)
                   for n in self._frozen]
-        kept = [t.clone() for t in frozen]
-        self._blend(self.model, self.get_current_decay())
-        if frozen:
-            torch._foreach_copy_(frozen, kept)
+        with _kept(frozen):
+            self._blend(self.model, self.get_current_decay())
 
     # ------------------------------------------------------------------ step and initted
     # The host decides the schedule from its mirror of the two buffers; the buffers are written
