@@ -11,6 +11,7 @@ import torch
 timm_utils = pytest.importorskip("timm.utils")
 from timm.models import load_checkpoint, resume_checkpoint  # noqa: E402
 
+from conftest import CPU_BACKENDS, EXACT_BACKENDS  # noqa: E402
 from models import SmallCNN, TinyTransformer, train  # noqa: E402
 from wavg_fused.integrations import timm as ours  # noqa: E402
 
@@ -36,16 +37,18 @@ def _assert_same(mine, theirs, exact=True):
             torch.testing.assert_close(mine_sd[key], value, rtol=2e-6, atol=1e-7, msg=key)
 
 
-@pytest.mark.parametrize("setting", list(SETTINGS))
-@pytest.mark.parametrize("with_step", [True, False], ids=["step", "no-step"])
-def test_v3_averages_as_timm_does(setting, with_step, backend):
+# every setting on the two fast backends; the kernels' emulations (slow) once, with the warm-up
+CASES = [(b, s, w) for b in CPU_BACKENDS for s in SETTINGS for w in (True, False)
+         if b in ("cpu", "torch") or (s, w) == ("warmup", True)]
+
+
+@pytest.mark.parametrize("backend,setting,with_step", CASES)
+def test_v3_averages_as_timm_does(backend, setting, with_step):
     model = SmallCNN()
     mine = ours.ModelEmaV3(model, decay=0.9, backend=backend, **SETTINGS[setting])
     theirs = timm_utils.ModelEmaV3(model, decay=0.9, **SETTINGS[setting])
     _run_both(mine, theirs, model, 25, with_step)
     # same lerp and same float32 weight: torch's own rounding on the exact backends
-    from conftest import EXACT_BACKENDS
-
     _assert_same(mine, theirs, exact=backend in EXACT_BACKENDS)
 
 
