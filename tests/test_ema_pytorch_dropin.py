@@ -168,3 +168,10 @@ def test_step_written_from_outside_is_read_back():
 def test_importing_wavg_fused_imports_no_peer():
     code = "import sys, wavg_fused, wavg_fused.integrations; print([m for m in ('timm', 'ema_pytorch') if m in sys.modules])"
     assert subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.strip() == "[]"
+
+
+def test_the_benchmark_times_both_peers_when_installed():
+    pytest.importorskip("timm")
+    from wavg_fused.bench.peers import make_peers
+
+    assert {"timm ModelEmaV3", "ema-pytorch"} <= {peer.name for peer in make_peers("cpu")}
