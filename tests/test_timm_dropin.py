@@ -171,3 +171,14 @@ def test_v2_is_timms_v2_within_rounding_and_keeps_counting_batches():
             torch.testing.assert_close(mine.state_dict()[key], value, rtol=2e-6, atol=1e-7, msg=key)
     mine.set(model)
     assert torch.equal(mine.module.head.weight, model.head.weight)
+
+
+def test_non_persistent_buffers_are_averaged_where_timm_never_updates_them():
+    model = SmallCNN()
+    model.register_buffer("scale", torch.ones(3), persistent=False)  # not in the state dict timm walks
+    mine, theirs = ours.ModelEmaV3(model, decay=0.5, backend="cpu"), timm_utils.ModelEmaV3(model, decay=0.5)
+    for _ in range(3):
+        model.scale.add_(1.0)
+        mine.update(model), theirs.update(model)
+    assert torch.equal(theirs.module.scale, torch.ones(3))
+    assert torch.equal(mine.module.scale, torch.full((3,), 3.125))  # 1 -> 1.5 -> 2.25 -> 3.125
