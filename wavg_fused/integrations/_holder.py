@@ -34,10 +34,10 @@ class AveragerHolder(nn.Module):
         self.__dict__["_averager"] = averager
         return averager.module
 
-    @torch.no_grad()
     def _blend(self, model: nn.Module, decay: float) -> None:
         """One fused update with this decay (0 copies): the decay is a host float the peer's
-        schedule computed, so changing it re-plans nothing (the kernels take it as an argument)."""
+        schedule computed, so changing it re-plans nothing (the kernels take it as an argument).
+        ``Averager.update`` runs under ``no_grad`` itself."""
         averager = self._averager
         assert averager is not None
         if averager.method.decay != decay:

@@ -63,9 +63,13 @@ def _floating(tensor: torch.Tensor) -> bool:
 def _kept(tensors: list[torch.Tensor]) -> Iterator[None]:
     """Put ``tensors`` back as they were after the block: the few tensors ema-pytorch leaves alone
     that the one fused pass writes (two small copies each, instead of a pass of their own)."""
-    saved = [t.clone() for t in tensors]
+    if not tensors:  # the common case: nothing to keep, no cost
+        yield
+        return
+    with torch.no_grad():
+        saved = [t.clone() for t in tensors]
     yield
-    if tensors:
+    with torch.no_grad():
         torch._foreach_copy_(tensors, saved)
 
 
@@ -123,6 +127,7 @@ class EMA(AveragerHolder):
         self.register_buffer("initted", torch.tensor(False))
         self.register_buffer("step", torch.tensor(0))
         self.__dict__["_mirror"] = None  # (step, initted, what the buffers were when last seen)
+        self.__dict__["_scratch"] = torch.zeros(())  # float32, on the host: get_current_decay's
         if lazy_init_ema:
             assert ema_model is None, "lazy_init_ema builds the EMA model itself"
         else:
@@ -164,9 +169,10 @@ class EMA(AveragerHolder):
         elapsed = self._counters()[0] - self.update_after_step - 1
         if elapsed <= 0:
             return 0.0
-        epoch = torch.tensor(float(elapsed))  # float32 on the host: the same roundings, no device read
-        warm = 1 - (1 + epoch / self.inv_gamma) ** -self.power
-        return warm.clamp(min=self.min_value, max=self.beta).item()
+        # ema-pytorch's float32 tensor ops, in place on one host scalar: the same roundings, no
+        # device read, and a third of the time of fresh tensors (this runs on every averaging call)
+        x = self._scratch.fill_(float(elapsed)).div_(self.inv_gamma).add_(1.0).pow_(-self.power)
+        return x.neg_().add_(1.0).clamp_(min=self.min_value, max=self.beta).item()
 
     def update(self) -> None:
         """One call per optimizer step: copies while ``step <= update_after_step``, then blends on
@@ -239,7 +245,6 @@ class EMA(AveragerHolder):
     def _ignored(self, name: str) -> bool:
         return name in self.ignore_names or any(name.startswith(prefix) for prefix in self.ignore_startswith_names)
 
-    @torch.no_grad()
     def _average(self) -> None:
         if self.is_frozen:
             return
