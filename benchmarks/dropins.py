@@ -14,6 +14,7 @@ import argparse
 import copy
 import gc
 import json
+import os
 import statistics
 
 import torch
@@ -77,10 +78,13 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=15)
     parser.add_argument("--json", default=None)
     args = parser.parse_args()
+    load_before = os.getloadavg()  # a shared machine: other work slows the many-op peers most
     rows = run(args.models, args.repeats)
     if args.json:
+        conditions = {"torch": torch.__version__, "threads": torch.get_num_threads(), "repeats": args.repeats,
+                      "loadavg_before": load_before, "loadavg_after": os.getloadavg()}
         with open(args.json, "w") as file:
-            json.dump({"torch": torch.__version__, "threads": torch.get_num_threads(), "rows": rows}, file, indent=1)
+            json.dump({**conditions, "rows": rows}, file, indent=1)
 
 
 if __name__ == "__main__":
