@@ -1,5 +1,5 @@
 // The Python module `wavg_fused._C`: importing it loads this library (which registers the ops)
-// and offers one host helper that is too slow in Python.
+// and offers host helpers that are too slow in Python, and what the CPU kernel picked.
 #include <Python.h>
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/empty.h>
@@ -9,12 +9,42 @@
 #include <algorithm>
 #include <vector>
 
+#include "cpu/kernel_api.h"
+
 namespace {
 
 constexpr int64_t kNotATensor = -1;
+// How far ahead the walk prefetches: the objects of slot i + kAhead, then the tensor behind slot
+// i + kAhead / 2 (whose object has arrived by then). Each slot is a chain of dependent loads
+// (dict, keys, object, TensorImpl, StorageImpl) in memory the kernel just evicted; fetching
+// several chains at once hides most of the misses.
+constexpr Py_ssize_t kAhead = 16;
+
+void prefetch_slot_objects(PyObject* tables, PyObject* keys, PyObject* held, Py_ssize_t j, Py_ssize_t count) {
+  if (j >= count) return;
+  __builtin_prefetch(PyList_GET_ITEM(tables, j));
+  __builtin_prefetch(PyList_GET_ITEM(keys, j));  // the key's cached hash
+  __builtin_prefetch(PyList_GET_ITEM(held, j));
+}
+
+void prefetch_slot_tensor(PyObject* tables, PyObject* held, Py_ssize_t j, Py_ssize_t count) {
+  if (j >= count) return;
+  if (PyDict_Check(PyList_GET_ITEM(tables, j))) {  // a small dict's keys object: header, indices, entries
+    const char* dict_keys = reinterpret_cast<const char*>(reinterpret_cast<PyDictObject*>(PyList_GET_ITEM(tables, j))->ma_keys);
+    __builtin_prefetch(dict_keys);
+    __builtin_prefetch(dict_keys + 64);
+  }
+  PyObject* value = PyList_GET_ITEM(held, j);
+  if (!THPVariable_Check(value)) return;
+  c10::TensorImpl* impl = THPVariable_Unpack(value).unsafeGetTensorImpl();
+  __builtin_prefetch(impl);
+  __builtin_prefetch(reinterpret_cast<const char*>(impl) + 64);
+  __builtin_prefetch(reinterpret_cast<const char*>(impl) + 128);
+  if (const c10::Storage& storage = impl->unsafe_storage()) __builtin_prefetch(storage.unsafeGetStorageImpl());
+}
 constexpr int64_t kDTensor = -2;
 
-// first_moved(tables, keys, expected, layouts) -> int
+// first_moved(tables, keys, expected, layouts, held=None) -> int
 // For each i, looks up tables[i][keys[i]] (a module's _parameters, _buffers or _modules dict) and
 // returns the first i whose entry is missing or changed; -1 if none did. expected[i] (an int64 CPU
 // tensor) is a tensor's data address or, for anything else (a submodule), its id(). `layouts`
@@ -23,10 +53,13 @@ constexpr int64_t kDTensor = -2;
 // (an object with a `_local_tensor`) is recorded as [-2, its local tensor's layout] and compared
 // by that local tensor, where its bytes are (the DTensor's own data_ptr() is 0). Update calls it
 // every step to know its plan is valid: about 10 ns a tensor here against ~100 ns in Python.
+// `held` (optional) lists the values as they were recorded, which the caller keeps alive: only
+// their addresses are read, to prefetch, never trusted for the comparison itself.
 PyObject* first_moved(PyObject* /*self*/, PyObject* args) {
   HANDLE_TH_ERRORS
-  PyObject *tables = nullptr, *keys = nullptr, *expected_obj = nullptr, *layouts_obj = nullptr;
-  if (!PyArg_ParseTuple(args, "O!O!OO", &PyList_Type, &tables, &PyList_Type, &keys, &expected_obj, &layouts_obj)) {
+  PyObject *tables = nullptr, *keys = nullptr, *expected_obj = nullptr, *layouts_obj = nullptr, *held = nullptr;
+  if (!PyArg_ParseTuple(args, "O!O!OO|O", &PyList_Type, &tables, &PyList_Type, &keys, &expected_obj, &layouts_obj,
+                        &held)) {
     return nullptr;
   }
   TORCH_CHECK(THPVariable_Check(expected_obj) && THPVariable_Check(layouts_obj),
@@ -41,7 +74,16 @@ PyObject* first_moved(PyObject* /*self*/, PyObject* args) {
   const int64_t* want = expected.data_ptr<int64_t>();
   const int64_t* layout = layouts.data_ptr<int64_t>();
   const int64_t* layout_end = layout + layouts.numel();
+  const bool prefetch = held != nullptr && PyList_Check(held) && PyList_GET_SIZE(held) == count;
+  if (prefetch) {
+    for (Py_ssize_t j = 0; j < kAhead; ++j) prefetch_slot_objects(tables, keys, held, j, count);
+    for (Py_ssize_t j = 0; j < kAhead / 2; ++j) prefetch_slot_tensor(tables, held, j, count);
+  }
   for (Py_ssize_t i = 0; i < count; ++i) {
+    if (prefetch) {
+      prefetch_slot_objects(tables, keys, held, i + kAhead, count);
+      prefetch_slot_tensor(tables, held, i + kAhead / 2, count);
+    }
     PyObject* value = PyDict_GetItemWithError(PyList_GET_ITEM(tables, i), PyList_GET_ITEM(keys, i));
     if (value == nullptr && PyErr_Occurred()) return nullptr;
     if (value == nullptr) return PyLong_FromSsize_t(i);
@@ -117,9 +159,18 @@ PyObject* record_layouts(PyObject* /*self*/, PyObject* args) {
   END_HANDLE_TH_ERRORS
 }
 
+// cpu_kernel_isa() -> str: the instruction set of the CPU kernel that `update_` runs ("default",
+// "avx2" or "avx512"), chosen at run time; RuntimeError if WAVG_FUSED_CPU_ISA names none of them.
+PyObject* cpu_kernel_isa(PyObject* /*self*/, PyObject* /*args*/) {
+  HANDLE_TH_ERRORS
+  return PyUnicode_FromString(wavg_fused::cpu::selected_kernels().isa);
+  END_HANDLE_TH_ERRORS
+}
+
 PyMethodDef methods[] = {
     {"first_moved", first_moved, METH_VARARGS, "Index of the first slot whose tensor moved or changed layout (or whose module was replaced), or -1."},
     {"record_layouts", record_layouts, METH_VARARGS, "first_moved's layouts for the entries as they are now."},
+    {"cpu_kernel_isa", cpu_kernel_isa, METH_NOARGS, "Instruction set of the CPU kernel update_ runs: default, avx2 or avx512."},
     {nullptr, nullptr, 0, nullptr},
 };
 
