@@ -67,3 +67,19 @@ def training_run(kind: str, steps: int, seed: int = 0) -> tuple[nn.Module, list[
         optimizer.step()
         states.append({k: v.detach().clone() for k, v in model.state_dict().items()})
     return initial, states
+
+
+def train(model: nn.Module, steps: int, after_step, seed: int = 0) -> None:
+    """A real SGD loop over ``model`` (a ``MODELS`` class, any dtype), calling ``after_step(step)``
+    (1, 2, ...) after each optimizer step, as training scripts call their EMA."""
+    dtype = next(model.parameters()).dtype
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9)
+    generator = torch.Generator().manual_seed(seed)
+    for step in range(1, steps + 1):
+        inputs, target = model.batch(generator)
+        logits = model(inputs.to(dtype) if inputs.is_floating_point() else inputs)
+        loss = nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]).float(), target.reshape(-1))
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+        after_step(step)

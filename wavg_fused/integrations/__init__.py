@@ -1,1 +1,1 @@
-"""Optional integrations, each imported only when used (``wavg_fused.integrations.lightning``)."""
+"""Optional integrations, each imported only when used (``wavg_fused.integrations.lightning``, ``.timm``, ``.ema_pytorch``)."""
