@@ -134,4 +134,7 @@ def backend_report() -> str:
             states.append(f"{device}: {'available' if reason is None else reason}")
         tool = " (test tool)" if any(name in tools for tools in TEST_TOOLS.values()) else ""
         lines.append(f"  {name:13s} " + "; ".join(states) + tool)
+    from .._extension import describe  # after the loop: asking for the backends loads (or builds) _C
+
+    lines.append(describe())
     return "\n".join(lines)
