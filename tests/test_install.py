@@ -7,6 +7,7 @@ isolation on (no torch in the build environment: the issue's `pip install .`).
 
 from __future__ import annotations
 
+import importlib.machinery
 import json
 import os
 import shutil
@@ -125,6 +126,18 @@ def test_no_compiler_warns_once_and_runs_torch(copied_package, tmp_path):
     assert not list((tmp_path / "c").rglob("built"))
 
 
+def test_broken_installed_extension_is_named(copied_package, tmp_path):
+    """An installed _C that no longer loads (torch upgraded since) is reported, not just missing;
+    with building allowed, first use would build a new one."""
+    site = tmp_path / "site"
+    shutil.copytree(copied_package, site)
+    suffix = importlib.machinery.EXTENSION_SUFFIXES[0]
+    (site / "wavg_fused" / f"_C{suffix}").write_bytes(b"not a shared library")
+    out, _ = run_child(FIRST_USE, site, tmp_path, WAVG_FUSED_JIT="0", WAVG_FUSED_CACHE=str(tmp_path / "c"))
+    assert out["backend"] == "torch" and len(out["slow"]) == 1
+    assert "the installed one did not load (" in out["slow"][0] and "WAVG_FUSED_JIT=0 forbids" in out["slow"][0]
+
+
 def test_no_sources_warns_once_and_runs_torch(tmp_path):
     site = tmp_path / "site"
     _tree_without_build(ROOT / "wavg_fused", site / "wavg_fused")  # as a wheel of 0.1.0 installed it
@@ -220,8 +233,9 @@ def test_first_use_builds_the_cpu_kernel(first_uses):
 @pytest.mark.slow  # the build: 2-4 minutes on 2 cores (CI runs slow tests)
 def test_later_process_loads_the_build_at_import(first_uses, installed):
     _, _, cache = first_uses
+    # WAVG_FUSED_JIT=0: forbids compiling, not loading what was compiled
     out, stderr = run_child(FIRST_USE, installed, installed.parent, WAVG_FUSED_CACHE=str(cache),
-                            WAVG_FUSED_BUILD_CUDA="0")
+                            WAVG_FUSED_BUILD_CUDA="0", WAVG_FUSED_JIT="0")
     assert "compiling" not in stderr
     assert out["state_at_import"] == "cached" and out["watch_fast"]  # the address watch's C++ path too
     assert out["backend"] == "cpu" and out["correct"] and out["slow"] == []

@@ -3,7 +3,7 @@
 1. the extension built at install (``pip install --no-build-isolation``, or a wheel built with torch);
 2. an earlier first-use build in the cache, for this torch, Python, machine and these sources;
 3. a build now, at first use of a compiled backend (``wavg_fused.build``), unless
-   ``WAVG_FUSED_JIT=0`` forbids it.
+   ``WAVG_FUSED_JIT=0`` forbids it (a build already in the cache is still used).
 
 Importing the package only does 1 and 2 (``preload``), which never compile: a first-use build
 registers itself as ``wavg_fused._C`` in ``sys.modules``, so ``from ._C import ...`` finds it in
@@ -147,8 +147,9 @@ def _cached_variants(csrc: Path) -> list[Path]:
 
 
 def _from_cache() -> types.ModuleType | None:
+    # also under WAVG_FUSED_JIT=0, which forbids compiling, not using what was compiled
     csrc = csrc_dir()
-    if csrc is None or not jit_allowed():
+    if csrc is None:
         return None
     for directory in _cached_variants(csrc):
         if (directory / STAMP).is_file() and library_path(directory).is_file():
@@ -209,9 +210,9 @@ def load() -> types.ModuleType:
         return module
     try:
         module = _from_cache()
-    except Exception as error:
-        broken = f"the cached build did not load ({type(error).__name__}: {error})"
-        module = None
+    except Exception as error:  # rebuilding would relink the same library: the user must delete it
+        raise _fail(f"the cached build did not load ({type(error).__name__}: {error}); delete {cache_root()} "
+                    "to build it again") from None
     if module is not None:
         return module
     prefix = f"{broken}; " if broken else "the installed package has no compiled extension; "
@@ -226,7 +227,10 @@ def load() -> types.ModuleType:
         path = compile_into_cache(csrc)
     except BuildError as error:
         raise _fail(f"{prefix}{error}") from None
-    return _record("built", str(path), _import_library(path))
+    try:
+        return _record("built", str(path), _import_library(path))
+    except Exception as error:
+        raise _fail(f"{prefix}it was built ({path}) but did not load ({type(error).__name__}: {error})") from None
 
 
 def state() -> str:
