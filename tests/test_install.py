@@ -65,13 +65,25 @@ print(json.dumps({
 """
 
 
-def run_child(code: str, site: Path, cwd: Path, **env: str) -> tuple[dict, str]:
-    """Run ``code`` with ``site`` first on the path; returns its JSON line and its stderr."""
+BUILD_COMMAND = PROLOGUE + "import sys, wavg_fused.build as b; sys.exit(b.main([]))"
+
+
+def child_env(site: Path, **env: str) -> dict[str, str]:
+    """This environment, less the switches this suite's own run may have set, with ``site``
+    first on the path and ``env`` added."""
     clean = {k: v for k, v in os.environ.items()
              if k not in ("WAVG_FUSED_EXPECT_EXT", "WAVG_FUSED_BACKEND", "WAVG_FUSED_JIT", "CXX", "PYTHONPATH")}
-    clean.update(PYTHONPATH=str(site), **env)
-    done = subprocess.run([sys.executable, "-c", code], cwd=cwd, env=clean, capture_output=True, text=True,
-                          timeout=900)
+    return {**clean, "PYTHONPATH": str(site), **env}
+
+
+def run_code(code: str, site: Path, cwd: Path, **env: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-c", code], cwd=cwd, env=child_env(site, **env), capture_output=True,
+                          text=True, timeout=900)
+
+
+def run_child(code: str, site: Path, cwd: Path, **env: str) -> tuple[dict, str]:
+    """Run ``code`` with ``site`` first on the path; returns its JSON line and its stderr."""
+    done = run_code(code, site, cwd, **env)
     assert done.returncode == 0, done.stderr
     return json.loads(done.stdout.strip().splitlines()[-1]), done.stderr
 
@@ -126,6 +138,12 @@ def test_no_compiler_warns_once_and_runs_torch(copied_package, tmp_path):
     assert not list((tmp_path / "c").rglob("built"))
 
 
+def test_build_command_fails_with_the_reason(copied_package, tmp_path):
+    done = run_code(BUILD_COMMAND, copied_package, tmp_path, WAVG_FUSED_JIT="0", WAVG_FUSED_CACHE=str(tmp_path / "c"))
+    assert done.returncode == 1, done.stdout + done.stderr
+    assert "wavg_fused: no compiled kernels: the installed package has no compiled extension" in done.stderr
+
+
 def test_broken_installed_extension_is_named(copied_package, tmp_path):
     """An installed _C that no longer loads (torch upgraded since) is reported, not just missing;
     with building allowed, first use would build a new one."""
@@ -150,7 +168,7 @@ def test_no_sources_warns_once_and_runs_torch(tmp_path):
 
 
 def _pip(*args: str, cwd: Path) -> None:
-    env = {k: v for k, v in os.environ.items() if not k.startswith("WAVG_FUSED_")}
+    env = {k: v for k, v in os.environ.items() if not k.startswith("WAVG_FUSED_")}  # a plain `pip install`
     done = subprocess.run([sys.executable, "-m", "pip", *args], cwd=cwd, env=env, capture_output=True, text=True,
                           timeout=600)
     assert done.returncode == 0, done.stdout + done.stderr
@@ -205,9 +223,7 @@ def first_uses(installed, tmp_path_factory) -> tuple[list[dict], list[str], Path
     """Two processes use the installed package at once on an empty cache (CPU kernels only, to
     keep the build short): one compiles, the other waits on the lock and loads its build."""
     cache = tmp_path_factory.mktemp("cache")
-    env = {k: v for k, v in os.environ.items()
-           if k not in ("WAVG_FUSED_EXPECT_EXT", "WAVG_FUSED_BACKEND", "WAVG_FUSED_JIT", "CXX")}
-    env.update(PYTHONPATH=str(installed), WAVG_FUSED_CACHE=str(cache), WAVG_FUSED_BUILD_CUDA="0")
+    env = child_env(installed, WAVG_FUSED_CACHE=str(cache), WAVG_FUSED_BUILD_CUDA="0")
     children = [subprocess.Popen([sys.executable, "-c", FIRST_USE], cwd=installed.parent, env=env, text=True,
                                  stdout=subprocess.PIPE, stderr=subprocess.PIPE) for _ in range(2)]
     results = [child.communicate(timeout=900) for child in children]
@@ -244,10 +260,6 @@ def test_later_process_loads_the_build_at_import(first_uses, installed):
 @pytest.mark.slow  # the build: 2-4 minutes on 2 cores (CI runs slow tests)
 def test_build_command_reports_the_cached_build(first_uses, installed):
     _, _, cache = first_uses
-    env = {k: v for k, v in os.environ.items() if k not in ("WAVG_FUSED_EXPECT_EXT", "WAVG_FUSED_JIT")}
-    env.update(PYTHONPATH=str(installed), WAVG_FUSED_CACHE=str(cache), WAVG_FUSED_BUILD_CUDA="0")
-    code = PROLOGUE + "import sys, wavg_fused.build as b; sys.exit(b.main([]))"
-    done = subprocess.run([sys.executable, "-c", code], cwd=installed.parent, env=env, capture_output=True,
-                          text=True, timeout=300)
+    done = run_code(BUILD_COMMAND, installed, installed.parent, WAVG_FUSED_CACHE=str(cache), WAVG_FUSED_BUILD_CUDA="0")
     assert done.returncode == 0, done.stderr
     assert "built on first use earlier" in done.stdout and "backends for CPU tensors: cpu, torch" in done.stdout
