@@ -1,5 +1,5 @@
 // The Python module `wavg_fused._C`: importing it loads this library (which registers the ops)
-// and offers one host helper that is too slow in Python.
+// and offers host helpers that are too slow in Python, and what the CPU kernel picked.
 #include <Python.h>
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/empty.h>
@@ -8,6 +8,8 @@
 
 #include <algorithm>
 #include <vector>
+
+#include "cpu/kernel_api.h"
 
 namespace {
 
@@ -117,9 +119,18 @@ PyObject* record_layouts(PyObject* /*self*/, PyObject* args) {
   END_HANDLE_TH_ERRORS
 }
 
+// cpu_kernel_isa() -> str: the instruction set of the CPU kernel that `update_` runs ("default",
+// "avx2" or "avx512"), chosen at run time; RuntimeError if WAVG_FUSED_CPU_ISA names none of them.
+PyObject* cpu_kernel_isa(PyObject* /*self*/, PyObject* /*args*/) {
+  HANDLE_TH_ERRORS
+  return PyUnicode_FromString(wavg_fused::cpu::selected_kernels().isa);
+  END_HANDLE_TH_ERRORS
+}
+
 PyMethodDef methods[] = {
     {"first_moved", first_moved, METH_VARARGS, "Index of the first slot whose tensor moved or changed layout (or whose module was replaced), or -1."},
     {"record_layouts", record_layouts, METH_VARARGS, "first_moved's layouts for the entries as they are now."},
+    {"cpu_kernel_isa", cpu_kernel_isa, METH_NOARGS, "Instruction set of the CPU kernel update_ runs: default, avx2 or avx512."},
     {nullptr, nullptr, 0, nullptr},
 };
 

@@ -107,4 +107,4 @@ def test_deepcopy_does_not_copy_the_live_model():
     avg = wf.Averager(model, wf.EMA(0.9))
     avg.update(model)
     clone = copy.deepcopy(avg)
-    assert clone._model_ref is None and clone._runs is None
+    assert clone._engine._model_ref is None and clone._runs is None

@@ -291,6 +291,17 @@ def test_averaged_module_for_a_model_deepcopy_cannot_copy(backend):
     torch.testing.assert_close(avg(x), expected)
 
 
+def test_a_model_deepcopy_cannot_copy_is_told_about_averaged_module():
+    model = _old_weight_norm_model()  # the real, deprecated torch.nn.utils.weight_norm
+    with pytest.raises(RuntimeError, match=r"averaged_module=") as caught:
+        wf.Averager(model, wf.EMA(0.9))
+    assert "'0'" in str(caught.value) and "torch.nn.utils.parametrizations.weight_norm" in str(caught.value)
+    assert isinstance(caught.value.__cause__, RuntimeError) and "deepcopy" in str(caught.value.__cause__)
+    with pytest.raises(TypeError, match=r"averaged_module=") as caught:  # the type a caller may catch stays
+        wf.Averager(_NoDeepcopy(4, 3), wf.EMA(0.9))
+    assert "cannot be deep-copied" in str(caught.value.__cause__)
+
+
 def test_averaged_module_with_parametrizations_equals_the_deepcopy_path():
     from torch.nn.utils.parametrizations import weight_norm
 

@@ -28,6 +28,13 @@ def _fresh_dynamo():
     torch._dynamo.reset()
 
 
+def step(net: nn.Module, averager: wf.Averager, grads: list[torch.Tensor]) -> None:
+    """A training step: foreach SGD, then the average's update."""
+    with torch.no_grad():
+        torch._foreach_add_(list(net.parameters()), grads, alpha=-0.1)
+    averager.update(net)
+
+
 def _assert_same(a: wf.Averager, b: wf.Averager) -> None:
     for (name, x), y in zip(a.state_dict().items(), b.state_dict().values()):
         assert torch.equal(x, y), name
@@ -68,11 +75,6 @@ def test_training_step_compiles_fullgraph_once(backend):
     avg.update(model)
     reference.update(twin)
 
-    def step(net: nn.Module, averager: wf.Averager, grads: list[torch.Tensor]) -> None:
-        with torch.no_grad():
-            torch._foreach_add_(list(net.parameters()), grads, alpha=-0.1)
-        averager.update(net)
-
     counter = CompileCounter()
     compiled = torch.compile(step, fullgraph=True, backend=counter)
     for _ in range(5):
@@ -112,11 +114,31 @@ def test_inductor_training_step_matches_eager_within_rounding():
         torch.testing.assert_close(x, y, rtol=4 * torch.finfo(torch.float32).eps, atol=1e-7, msg=name)
 
 
-def test_compiled_update_needs_an_eager_first_update():
+@pytest.mark.parametrize("backend", COMPILED_BACKENDS)
+def test_compiled_from_the_first_call_equals_eager_and_compiles_once(backend, method):
+    """No eager update first: the plans are built at construction."""
+    model = _model()
+    twin = copy.deepcopy(model)
+    avg = wf.Averager(model, method, backend=backend, use_buffers=True)
+    reference = wf.Averager(twin, method, backend=backend, use_buffers=True)
+
+    counter = CompileCounter()
+    compiled = torch.compile(step, fullgraph=True, backend=counter)
+    for _ in range(4):
+        grads = [torch.randn_like(p) for p in model.parameters()]
+        compiled(model, avg, grads)
+        step(twin, reference, [g.clone() for g in grads])
+    assert counter.frame_count == 1
+    assert int(avg.n_averaged) == 4
+    _assert_same(avg, reference)
+
+
+def test_compiled_update_of_another_model_object_says_what_to_do():
     model = _model()
     avg = wf.Averager(model, wf.EMA(0.9))
-    with pytest.raises(Exception, match="call avg.update\\(model\\) once outside the compiled function first"):
-        torch.compile(lambda: avg.update(model), fullgraph=True)()
+    other = copy.deepcopy(model)
+    with pytest.raises(Exception, match="call avg.update\\(model\\) once outside the compiled function"):
+        torch.compile(lambda: avg.update(other), fullgraph=True)()
 
 
 def test_a_replaced_model_tensor_is_caught_at_run_time():

@@ -6,6 +6,7 @@ checkpointing ride on the same fused kernels as the module form.
 
 from __future__ import annotations
 
+from collections import OrderedDict
 from collections.abc import Callable, Iterable
 from typing import Any
 
@@ -27,6 +28,11 @@ class _Parameters(nn.Module):
         self.params = nn.ParameterList(params)  # the same Parameter objects, not copies
 
 
+def _group_layout(optimizer: torch.optim.Optimizer) -> tuple[int, int]:
+    # groups and parameters, counted: cheap enough for every step (no per-tensor Python work)
+    return len(optimizer.param_groups), sum(len(group["params"]) for group in optimizer.param_groups)
+
+
 def _unique_params(optimizer: torch.optim.Optimizer) -> list[torch.Tensor]:
     seen, params = set(), []
     for group in optimizer.param_groups:
@@ -41,12 +47,18 @@ class WeightAverage(torch.optim.Optimizer):
     """Wrap ``optimizer`` to keep an average of its parameters (SWA or EMA).
 
     Manual mode (``start=None``): call ``update()`` whenever the current weights should be
-    folded in. Automatic mode: ``step()`` averages after every ``freq``-th step once more than
-    ``start`` steps were taken, and, if ``swa_lr`` is given, drives the learning rate with
+    folded in. Automatic mode, as seed post 002 and torchcontrib's SWA: ``step()`` counts steps
+    from 1 and averages after step ``s`` when ``s > start and s % freq == 0`` (``start=10,
+    freq=3``: steps 12, 15, 18, ...), and, if ``swa_lr`` is given, drives the learning rate with
     torch's ``SWALR`` from step ``start`` on. ``swap()`` exchanges the averaged and the current
     weights in place (call it again to swap back); ``bn_update`` recomputes BatchNorm
     statistics for the weights now in the model (torch's ``update_bn``). ``skip_nonfinite``,
     ``backend`` and ``dtype`` are ``Averager``'s.
+
+    ``param_groups``, ``state`` and ``defaults`` are the wrapped optimizer's own objects, also
+    after ``load_state_dict`` (which replaces them there), so LR schedulers, LR monitors and
+    checkpoint loading built on the wrapper all change the learning rate that is used. Step hooks
+    registered on the wrapper run around its whole ``step`` (the average already updated).
 
     Differences from seed post 002: the first update copies the weights (the post's EMA started
     from zeros, biasing early averages towards 0), and the averaged state is one flat buffer
@@ -88,14 +100,9 @@ class WeightAverage(torch.optim.Optimizer):
         if swa_lr is not None and (start is None or swa_lr < 0):
             raise ValueError(f"swa_lr needs start (automatic mode) and must be >= 0, got swa_lr={swa_lr!r}, start={start!r}")
         method: Method = SWA() if mode == "swa" else EMA(decay)
-        # Shares the wrapped optimizer's groups and state, as torchcontrib's SWA does, so LR
-        # schedulers and hooks that look at param_groups see the real ones.
-        self.optimizer = optimizer
-        self.param_groups = optimizer.param_groups
-        self.state = optimizer.state
-        self.defaults = optimizer.defaults
-        self._optimizer_step_pre_hooks: dict = {}
-        self._optimizer_step_post_hooks: dict = {}
+        self.optimizer = optimizer  # param_groups, state, defaults: properties reading it
+        self._optimizer_step_pre_hooks: OrderedDict = OrderedDict()
+        self._optimizer_step_post_hooks: OrderedDict = OrderedDict()
         self._optimizer_state_dict_pre_hooks: dict = {}
         self._optimizer_state_dict_post_hooks: dict = {}
         self._optimizer_load_state_dict_pre_hooks: dict = {}
@@ -105,7 +112,54 @@ class WeightAverage(torch.optim.Optimizer):
         self.steps = 0
         self._swa_scheduler: SWALR | None = None
         self._params = _Parameters(_unique_params(optimizer))
+        self._layout = _group_layout(optimizer)
         self.averager = Averager(self._params, method, backend=backend, dtype=dtype, skip_nonfinite=skip_nonfinite)
+
+    # Properties, not copies: torch's Optimizer.load_state_dict replaces the wrapped optimizer's
+    # param_groups and state with new objects, and a copy taken at construction would go stale.
+    @property
+    def param_groups(self) -> list[dict[str, Any]]:  # type: ignore[override]
+        """The wrapped optimizer's parameter groups (the same list)."""
+        return self.optimizer.param_groups
+
+    @param_groups.setter
+    def param_groups(self, groups: list[dict[str, Any]]) -> None:
+        self.optimizer.param_groups = groups
+
+    @property
+    def state(self) -> Any:  # type: ignore[override]
+        """The wrapped optimizer's per-parameter state (the same mapping)."""
+        return self.optimizer.state
+
+    @state.setter
+    def state(self, state: Any) -> None:
+        self.optimizer.state = state
+
+    @property
+    def defaults(self) -> dict[str, Any]:  # type: ignore[override]
+        """The wrapped optimizer's defaults (the same dict)."""
+        return self.optimizer.defaults
+
+    @defaults.setter
+    def defaults(self, defaults: dict[str, Any]) -> None:
+        self.optimizer.defaults = defaults
+
+    def __getstate__(self) -> dict[str, Any]:
+        # torch's Optimizer pickles only defaults/state/param_groups, which here are the wrapped
+        # optimizer's: keep everything, so copy.deepcopy and pickling give a working wrapper.
+        return self.__dict__.copy()
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        self.__dict__.update(state)
+
+    def _check_layout(self) -> None:
+        if _group_layout(self.optimizer) != self._layout:
+            raise RuntimeError(
+                "WeightAverage: the wrapped optimizer's parameter groups changed after wrapping "
+                f"(groups x parameters {self._layout} -> {_group_layout(self.optimizer)}, e.g. by its "
+                "add_param_group); their new parameters would not be averaged. Add the groups "
+                "before wrapping, or wrap again"
+            )
 
     @property
     def n_averaged(self) -> torch.Tensor:
@@ -120,6 +174,7 @@ class WeightAverage(torch.optim.Optimizer):
     @torch.no_grad()
     def update(self) -> None:
         """Fold the current parameters into the average (one fused pass)."""
+        self._check_layout()
         self.averager.update(self._params)
 
     def swap(self) -> None:
@@ -129,10 +184,28 @@ class WeightAverage(torch.optim.Optimizer):
     swap_swa_sgd = swap  # the name seed post 002 and torchcontrib use
 
     def step(self, closure: Callable[[], float] | None = None) -> Any:
-        """The wrapped optimizer's step, then (automatic mode) the averaging schedule."""
+        """The wrapped optimizer's step, then (automatic mode) the averaging schedule.
+
+        Hooks registered on the wrapper (``register_step_pre_hook`` / ``_post_hook``) run around
+        all of it, as torch runs an optimizer's; torch's global hooks run on the wrapped step."""
+        self._check_layout()  # before the inner step changes anything
+        args: tuple[Any, ...] = () if closure is None else (closure,)
+        kwargs: dict[str, Any] = {}
+        for hook in list(self._optimizer_step_pre_hooks.values()):
+            result = hook(self, args, kwargs)
+            if result is not None:
+                if not (isinstance(result, tuple) and len(result) == 2):
+                    raise RuntimeError(f"a step pre-hook must return None or (new_args, new_kwargs), got {result!r}")
+                args, kwargs = result
+        loss = self._step(*args, **kwargs)
+        for hook in list(self._optimizer_step_post_hooks.values()):
+            hook(self, args, kwargs)
+        return loss
+
+    def _step(self, closure: Callable[[], float] | None = None) -> Any:
         loss = self.optimizer.step(closure)
-        self.steps += 1
-        if self.start is not None and self.steps > self.start and (self.steps - self.start) % self.freq == 0:
+        self.steps += 1  # counted after the step, as seed post 002's step_counter
+        if self.start is not None and self.steps > self.start and self.steps % self.freq == 0:
             self.update()
         if self.swa_lr is not None and self.steps >= self.start:
             # SWALR sets the learning rate of the next step, as a scheduler stepped after the optimizer

@@ -217,7 +217,9 @@ def _skeleton(model: nn.Module) -> ShardedCopy:
 def copy_model(model: nn.Module) -> nn.Module:
     """The averaged copy's starting point: ``copy.deepcopy(model)``, or, for a model that FSDP2
     (``fully_shard``) or composable ``replicate`` made impossible to deep-copy, a ``ShardedCopy``
-    of its tensors. Either way the averager packs the result into its own storage."""
+    of its tensors. Either way the averager packs the result into its own storage. A model that
+    deepcopy refuses otherwise (the deprecated ``torch.nn.utils.weight_norm``) raises an error of
+    the same type that points to ``averaged_module=``, chained from deepcopy's."""
     if is_fsdp(model):
         reshard_fsdp(model)  # copy the shards, not an unsharded root left by an eval forward
         return _skeleton(model)
@@ -227,6 +229,23 @@ def copy_model(model: nn.Module) -> nn.Module:
         if "does not support deepcopy" not in str(error):
             raise
         return _skeleton(model)
+    except (RuntimeError, TypeError) as error:
+        if isinstance(error, torch.OutOfMemoryError):  # not about copyability: no advice to give
+            raise
+        # torch's own message does not say what to do here; the same type, so callers' excepts still match
+        from torch.nn.utils.weight_norm import WeightNorm
+
+        old_weight_norm = [name or "<model>" for name, module in model.named_modules()
+                           if any(isinstance(hook, WeightNorm) for hook in module._forward_pre_hooks.values())]
+        cause = (f"modules {old_weight_norm} use the deprecated torch.nn.utils.weight_norm, whose weights "
+                 "deepcopy refuses (torch.nn.utils.parametrizations.weight_norm copies fine)"
+                 if old_weight_norm else f"{type(error).__name__}: {error}")
+        kind = TypeError if isinstance(error, TypeError) else RuntimeError
+        raise kind(
+            f"the averaged copy is made with copy.deepcopy(model), which failed: {cause}. Build a second "
+            "model of the same structure and pass it as averaged_module= (its tensors are taken over and "
+            "set to the model's values)"
+        ) from error
 
 
 # ---------------------------------------------------------------------- storage for local shards

@@ -115,11 +115,10 @@ def pack_module(
     >>> storage = st.pack_module(m)
     >>> storage.owns(m.weight), storage.nbytes
     (True, 96)
-    """
-    from .sharded import has_dtensors, pack_sharded_module  # sharded imports this module
 
-    if has_dtensors(module):  # DTensors (FSDP2, tensor parallel): pack this rank's local shards
-        return pack_sharded_module(module, device, dtype)
+    A module holding DTensors is packed by ``sharded.pack_sharded_module`` instead (``shadow.pack``
+    chooses).
+    """
     unique: dict[int, torch.Tensor] = {}
     for _, tensor in named_tensors(module):
         unique.setdefault(id(tensor), tensor)

@@ -242,6 +242,10 @@ class AveragedModel(Averager):
         self.n_averaged = torch.tensor(0, dtype=torch.long, device=device)
         self.n_skipped = torch.tensor(0, dtype=torch.long, device=device)  # bumped next to n_averaged
 
+    # torch zips the tensors by position; names that differ (a re-wrapped or renamed model)
+    # pair by position too when count, shapes and dtype kinds agree
+    _pair_by_position = True
+
     # torch's state dict has no extra state; without it torch loads ours strictly
     get_extra_state = nn.Module.get_extra_state
     set_extra_state = nn.Module.set_extra_state
@@ -275,19 +279,8 @@ class AveragedModel(Averager):
         """Fold ``model`` into the average (the first call copies it); ``n_averaged += 1``."""
         self.update(model)
 
-    def _update_unfused(self) -> None:
+    def _update_unfused(self, runs: list) -> None:
         if self._multi_avg_fn is not None and self.method is self._multi_avg_fn:
-            update_multi_tensor(self._runs, self._multi_avg_fn, self.n_averaged)
+            update_multi_tensor(runs, self._multi_avg_fn, self.n_averaged)
         else:
-            super()._update_unfused()
-
-    def _check_pairing(self, names: list[str], models: list[torch.Tensor], shadows: list[torch.Tensor]) -> None:
-        # torch zips the tensors by position; names that differ (a re-wrapped or renamed model)
-        # pair by position too when count, shapes and dtype kinds agree
-        if names != self._shadow_names and len(names) == len(self._shadow_names):
-            try:
-                check_structure(self._shadow_names, shadows, self._shadow_names, models)
-                return
-            except ValueError:
-                pass
-        super()._check_pairing(names, models, shadows)
+            super()._update_unfused(runs)

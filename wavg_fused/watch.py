@@ -4,6 +4,10 @@ built for, and the identity of every submodule (``model.fc = nn.Linear(...)`` le
 module's tensors where they were, so only the parent's ``_modules`` entry shows the change).
 Host metadata only: no device is ever synchronised.
 
+The watch holds every value it watches: a submodule freed after ``del model.fc`` could otherwise
+be followed by a new one at the same ``id()`` (CPython reuses addresses at once), and the
+replacement would go unseen.
+
 With the compiled extension this walk runs in C++ (about 10 ns a tensor); without it, in Python.
 """
 
@@ -12,6 +16,7 @@ from __future__ import annotations
 import torch
 
 from .sharded import address, local
+from .slots import Slot
 
 try:
     from ._C import first_moved as _first_moved
@@ -20,8 +25,6 @@ except ImportError:  # no compiled extension: the Python walk below
     _first_moved = _record_layouts = None
 
 __all__ = ["AddressWatch"]
-
-Slot = tuple[dict, str]  # (a module's _parameters, _buffers or _modules dict, the key in it)
 
 
 def _identity(value: object) -> int:
@@ -62,6 +65,7 @@ class AddressWatch:
         self._expected = torch.tensor(self._expected_list, dtype=torch.int64)
         self._layouts_list = [_layout(table[key]) for table, key in slots]
         self._layouts = _record_layouts(self._tables, self._keys) if _record_layouts is not None else None
+        self._held = [table[key] for table, key in slots]  # ids and addresses stay unique while watched
 
     def current_and_expected(self) -> tuple[list[torch.Tensor], list[int]]:
         """The watched tensors as the modules hold them now, and the addresses they had: for a

@@ -27,7 +27,12 @@ using CheckFn = bool (*)(const PlanView&, int64_t begin, int64_t end);
 struct Kernels {
   ProcessFn process;
   CheckFn any_nonfinite;
+  const char* isa;  // "default", "avx2" or "avx512": what backend_report() shows
 };
+
+// The kernels the `cpu` backend runs (update_cpu.cpp): the widest this CPU supports, or the one
+// WAVG_FUSED_CPU_ISA forces (throws c10::Error for an unknown name).
+const Kernels& selected_kernels();
 
 namespace isa_default { void process_elements(const PlanView&, int64_t, int64_t); bool any_nonfinite(const PlanView&, int64_t, int64_t); }
 namespace isa_avx2 { void process_elements(const PlanView&, int64_t, int64_t); bool any_nonfinite(const PlanView&, int64_t, int64_t); }

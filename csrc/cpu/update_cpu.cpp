@@ -25,9 +25,9 @@ constexpr int64_t kGrainElems = 32768;
 
 // WAVG_FUSED_CPU_ISA=default|avx2|avx512 forces one (tests run each; users can rule one out).
 Kernels widest_kernels() {
-  constexpr Kernels kDefault{isa_default::process_elements, isa_default::any_nonfinite};
-  constexpr Kernels kAvx2{isa_avx2::process_elements, isa_avx2::any_nonfinite};
-  constexpr Kernels kAvx512{isa_avx512::process_elements, isa_avx512::any_nonfinite};
+  constexpr Kernels kDefault{isa_default::process_elements, isa_default::any_nonfinite, "default"};
+  constexpr Kernels kAvx2{isa_avx2::process_elements, isa_avx2::any_nonfinite, "avx2"};
+  constexpr Kernels kAvx512{isa_avx512::process_elements, isa_avx512::any_nonfinite, "avx512"};
   const char* forced = std::getenv("WAVG_FUSED_CPU_ISA");
   if (forced != nullptr && *forced != '\0') {
     const std::string isa(forced);
@@ -46,6 +46,16 @@ Kernels widest_kernels() {
   }
   return kDefault;
 }
+
+}  // namespace
+
+// Picked on first use and kept: the environment is read once, as by the first update.
+const Kernels& selected_kernels() {
+  static const Kernels kernels = widest_kernels();
+  return kernels;
+}
+
+namespace {
 
 // What the kernel will dereference, checked on the host (the table is on the CPU here).
 void check_plan(const at::TensorList flats, const at::Tensor& table) {
@@ -95,7 +105,7 @@ void update_cpu(at::TensorList flats, const at::Tensor& table, const at::Tensor&
   std::vector<char*> flat_bases;
   for (const at::Tensor& flat : flats) flat_bases.push_back(static_cast<char*>(flat.data_ptr()));
 
-  static const Kernels kernels = widest_kernels();
+  const Kernels& kernels = selected_kernels();
   const PlanView plan{rows, first.data(), num_tensors, flat_bases.data(), k, mode};
   if (mode == kModeCheck) {
     std::atomic<bool> found{false};

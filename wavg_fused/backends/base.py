@@ -25,6 +25,11 @@ class Backend(Protocol):
         """``None`` if this backend can update tensors on ``device``, else why not."""
         ...
 
+    def prepare(self, plan: Plan) -> None:
+        """Build what launches on ``plan`` read (tables, caches) now, when the plan is made, so
+        that no launch builds one (a compiled graph cannot)."""
+        ...
+
     def update(self, plan: Plan, method: Method, n_averaged: torch.Tensor, bump: bool, rounding_seed: int = -1,
                guard: bool = False, n_skipped: torch.Tensor | None = None, staged: bool = False) -> None:
         """With ``guard``, read the flag ``check_nonfinite`` left in ``plan.workspace[1]`` on the

@@ -32,6 +32,10 @@ class _FusedBackend:
             return f"the compiled extension has no {self.device_type} kernel for {self.op_name} (built without it)"
         return None
 
+    def prepare(self, plan: Plan) -> None:
+        plan.tensor_table()
+        plan.block_table(self.block_elems)
+
     def update(self, plan: Plan, method: Method, n_averaged: torch.Tensor, bump: bool, rounding_seed: int = -1,
                guard: bool = False, n_skipped: torch.Tensor | None = None, staged: bool = False) -> None:
         if not staged:

@@ -114,8 +114,33 @@ def available_backends(device: torch.device | str = "cpu", include_test_tools: b
     return [name for name in order if _reason(name, device) is None]
 
 
+def _extension_line() -> str:
+    """Which CPU kernel the compiled extension runs and whether it has CUDA kernels, or why not."""
+    try:
+        extension = importlib.import_module("._C", __package__.rpartition(".")[0])
+    except ImportError as error:
+        return f"compiled extension: not loaded ({type(error).__name__}: {error})"
+    pick = getattr(extension, "cpu_kernel_isa", None)
+    if pick is None:
+        isa = "unknown (this build of the extension predates cpu_kernel_isa)"
+    else:
+        try:
+            isa = pick()
+        except RuntimeError as error:  # WAVG_FUSED_CPU_ISA names no kernel: the cpu backend will raise
+            isa = f"none ({str(error).splitlines()[0]})"
+    forced = os.environ.get("WAVG_FUSED_CPU_ISA")
+    isa += f" (forced by WAVG_FUSED_CPU_ISA={forced!r})" if forced else ""
+    cuda = torch._C._dispatch_has_kernel_for_dispatch_key("wavg_fused::update_", "CUDA")
+    return f"compiled extension: CPU kernel {isa}; CUDA kernels compiled in: {'yes' if cuda else 'no'}"
+
+
 def backend_report() -> str:
-    """A text to paste into bug reports: versions and why each backend is or is not available."""
+    """A text to paste into bug reports: versions, the compiled extension's CPU kernel (AVX-512,
+    AVX2 or default) and CUDA kernels, and why each backend is or is not available.
+
+    >>> backend_report().splitlines()[2].startswith("compiled extension: ")
+    True
+    """
     import platform
 
     from .. import __version__
@@ -125,6 +150,7 @@ def backend_report() -> str:
         f"Python {platform.python_version()}, {platform.machine()}",
         f"CUDA devices: {torch.cuda.device_count() if torch.cuda.is_available() else 0}; "
         f"{ENV_VAR}={os.environ.get(ENV_VAR, '')!r}",
+        _extension_line(),
     ]
     devices = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
     for name in BACKEND_NAMES:

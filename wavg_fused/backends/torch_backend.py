@@ -77,6 +77,9 @@ class TorchBackend:
     def unavailable_reason(self, device: torch.device) -> str | None:
         return None
 
+    def prepare(self, plan: Plan) -> None:
+        self._prepared(plan)
+
     def _prepared(self, plan: Plan) -> _Prepared:
         prepared = plan.backend_cache.get(self.name)
         if prepared is None:

@@ -63,6 +63,12 @@ class TritonBackend:
             cache = plan.backend_cache[self.name] = (flat_bases.to(plan.device), grouped)
         return cache
 
+    def prepare(self, plan: Plan) -> None:
+        self._cached(plan)
+        plan.tensor_table()
+        for mode in (MODE_AVERAGE, MODE_CHECK):
+            plan.block_table(self._config(plan, mode)[0])
+
     def _config(self, plan: Plan, mode: int) -> tuple[int, int]:
         return (_INTERPRETER_BLOCK, 4) if plan.device.type == "cpu" else _gpu_config(plan.numels, mode)
 

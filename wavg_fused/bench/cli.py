@@ -2,7 +2,10 @@
 
 ``wavg-fused bench --quick`` is the short run (under a minute on a 2-core CPU);
 ``wavg-fused bench --device cuda`` the GPU one; ``wavg-fused plot results.json`` redraws a figure.
-Results go to ``benchmarks/results/<device>-<date>.json`` (and ``.png``) when that folder exists.
+Results go to ``benchmarks/results/<device>-<date>.json`` (and ``.png``) when run at the
+repository's root, and to the current folder anywhere else, and the run says where; ``--no-save``
+keeps nothing. Arguments (models, output folders, matplotlib for ``--plot``) are checked before
+anything is timed; a bad one is a one-line error and a non-zero exit status.
 """
 
 from __future__ import annotations
@@ -17,14 +20,16 @@ import re
 import sys
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, NoReturn
 
 import torch
 
 import wavg_fused as wf
 
-from .peers import FlatLerp, Unsupported, WavgFused, make_peers, warm_up
+from .limit import COPY_BANDWIDTH, FlatFused, FlatOp, limit_row
+from .peers import Unsupported, WavgFused, make_peers, warm_up
 from .progress import Progress
+from .report import ResultsError
 from .timing import copy_bandwidth, count_launches, model_bytes, percentile, time_round_robin
 from .zoo import LARGE, MODELS, QUICK, build
 
@@ -102,10 +107,10 @@ def bench_case(name: str, variant: str, repeats: int, device: str = "cpu", copy_
 
     common = {"model": name, "variant": variant, "tensors": len(tensors), "numel": sum(t.numel() for t in tensors),
               "bytes": nbytes}
-    rows = []
+    rows, proxy_rows = [], []
     for peer, sample, launch_count in zip(peers, samples, launches):
         ms = [1e3 * t for t in sample.device]
-        rows.append({
+        row = {
             **common,
             "peer": peer.name,
             "median_ms": percentile(ms, 0.5),
@@ -113,12 +118,17 @@ def bench_case(name: str, variant: str, repeats: int, device: str = "cpu", copy_
             "p90_ms": percentile(ms, 0.9),
             "host_ms": percentile([1e3 * t for t in sample.host], 0.5),
             "launches": launch_count,
-        })
-    limit = next(row for row, p in zip(rows, peers) if isinstance(p, FlatLerp))["median_ms"]
-    baselines = [row["median_ms"] for row, p in zip(rows, peers) if not isinstance(p, (WavgFused, FlatLerp))]
-    for row, peer in zip(rows, peers):
+        }
+        (proxy_rows if isinstance(peer, (FlatOp, FlatFused)) else rows).append(row)
+    # on a GPU the copy bandwidth measured at start-up is a limit too (moving these bytes at it)
+    copy_ms = {COPY_BANDWIDTH: nbytes / (copy_gbps * 1e9) * 1e3} if copy_gbps else None
+    rows.append(limit_row(proxy_rows, copy_ms))
+    limit = rows[-1]["median_ms"]
+    ours = {p.name for p in peers if isinstance(p, WavgFused)}
+    baselines = [row["median_ms"] for row in rows[:-1] if row["peer"] not in ours]
+    for row in rows:
         row["pct_limit"] = 100 * limit / row["median_ms"]
-        row["speedup"] = min(baselines) / row["median_ms"] if isinstance(peer, WavgFused) and baselines else None
+        row["speedup"] = min(baselines) / row["median_ms"] if row["peer"] in ours and baselines else None
         row["GBps"] = nbytes / (row["median_ms"] / 1e3) / 1e9
         row["pct_copy_bw"] = 100 * row["GBps"] / copy_gbps if copy_gbps else None
     for peer_name, reason in skipped.items():
@@ -140,12 +150,17 @@ def format_rows(rows: list[dict[str, Any]]) -> str:
             f"{case} {row['median_ms']:9.3f} {row['p10_ms']:9.3f} {row['p90_ms']:9.3f} {row['host_ms']:9.3f} "
             f"{row['launches']:8d} {row['GBps']:7.1f} {row['pct_limit']:6.1f}% {speedup:>8s} {copy}".rstrip()
         )
+        if "proxies" in row:
+            proxies = ", ".join(f"{name} {ms:.3f}" for name, ms in row["proxies"].items())
+            lines.append(f"{'':20s} # limit = {row['proxy']}, the fastest of: {proxies} ms")
     return "\n".join(lines)
 
 
 HEADER = (f"{'model':10s} {'variant':9s} {'peer':23s} {'median ms':>9s} {'p10 ms':>9s} {'p90 ms':>9s} "
           f"{'host ms':>9s} {'launches':>8s} {'GB/s':>7s} {'%limit':>7s} {'speedup':>8s}")
-LEGEND = ("# %limit: 'flat lerp_' median / this median (100% = one torch op over one flat buffer); "
+LEGEND = ("# %limit: the limit's median / this median (limit: the fastest of several ways of moving the "
+          "update's bytes through memory, timed in the same run: flat lerp_, add_, copy_, wavg_fused over one "
+          "tensor; on a GPU also the copy bandwidth); "
           "speedup: the fastest peer that is not wavg_fused / this; launches: kernels (GPU) or "
           "top-level operator calls (CPU) per update, from torch.profiler; host ms: until update() returns")
 
@@ -153,7 +168,11 @@ LEGEND = ("# %limit: 'flat lerp_' median / this median (100% = one torch op over
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="wavg-fused", description="Benchmarks of wavg_fused weight averaging.")
     commands = parser.add_subparsers(dest="command", required=True)
-    bench = commands.add_parser("bench", help="time one averaging update per model, dtype case and peer")
+    bench = commands.add_parser(
+        "bench", help="time one averaging update per model, dtype case and peer",
+        description="Time one averaging update per model, dtype case and peer, side by side. Results (JSON and "
+                    f"figure) go to {RESULTS_DIR}/ when run at the repository's root, else to the current "
+                    "folder; the run prints where, or that --no-save kept nothing.")
     bench.add_argument("--quick", action="store_true", help=f"models {','.join(QUICK)}, 10 repeats")
     bench.add_argument("--models", help=f"comma-separated, from {','.join(MODELS)} "
                        f"(default: all but {','.join(LARGE)} on a CPU, or the quick set)")
@@ -162,15 +181,62 @@ def _parser() -> argparse.ArgumentParser:
     bench.add_argument("--threads", type=int, help="torch intra-op threads (default: torch's)")
     bench.add_argument("--device", choices=("cpu", "cuda"), default="cpu", help="where the model lives")
     bench.add_argument("--json", metavar="PATH", help=f"write conditions and rows here (default: "
-                       f"{RESULTS_DIR}/<device>-<date>[-quick].json when that folder exists)")
-    bench.add_argument("--plot", metavar="PATH", help="draw the figure here (default: beside the JSON, .png)")
-    bench.add_argument("--no-save", action="store_true", help="print the table only")
-    plot = commands.add_parser("plot", help="draw the figure of a results JSON")
+                       f"{RESULTS_DIR}/<device>-<date>[-quick].json at the repository's root, where that folder "
+                       "exists; elsewhere <device>-<date>[-quick].json in the current folder)")
+    bench.add_argument("--plot", metavar="PATH", help="draw the figure here (default: beside the JSON, .png; "
+                       "drawn only when matplotlib is installed, which an explicit --plot requires)")
+    bench.add_argument("--no-save", action="store_true", help="print the table only; write no file")
+    plot = commands.add_parser("plot", help="draw the figure of a results JSON (needs matplotlib)")
     plot.add_argument("results", help="a JSON written by bench")
     plot.add_argument("-o", "--output", help="PNG path (default: the JSON's, .png)")
     table = commands.add_parser("table", help="print a results JSON as the README's Markdown table")
     table.add_argument("results", help="a JSON written by bench")
     return parser
+
+
+MATPLOTLIB_MISSING = "matplotlib is not installed (pip install 'wavg_fused[bench]')"
+
+
+def _fail(command: str, message: str, status: int = 2) -> NoReturn:
+    """One line on stderr and exit: 2 for a bad argument or input file (as argparse), 1 for a
+    missing requirement."""
+    print(f"wavg-fused {command}: error: {message}", file=sys.stderr)
+    raise SystemExit(status)
+
+
+def _has_matplotlib() -> bool:
+    try:
+        import matplotlib  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+def _check_folder(command: str, option: str, path: str) -> None:
+    folder = Path(path).parent
+    if not folder.is_dir():
+        _fail(command, f"{option} {path}: folder {folder} does not exist")
+
+
+def _outputs(args: argparse.Namespace, info: dict[str, Any]) -> tuple[str | None, str | None]:
+    """Where the JSON and figure go, checked before anything is timed; (None, None) for --no-save.
+
+    At the repository's root the results join the committed ones; anywhere else (an installed
+    package) they land in the current folder rather than nowhere: a benchmark's output is its point.
+    """
+    if args.no_save:
+        for option, value in (("--json", args.json), ("--plot", args.plot)):
+            if value:
+                _fail("bench", f"{option} and --no-save: --no-save writes no file")
+        return None, None
+    name = f"{device_slug(info)}-{info['date'][:10]}{'-quick' if args.quick else ''}.json"
+    json_path = args.json or str(RESULTS_DIR / name if RESULTS_DIR.is_dir() else Path(name))
+    _check_folder("bench", "--json", json_path)
+    if args.plot:
+        _check_folder("bench", "--plot", args.plot)
+        if not _has_matplotlib():
+            _fail("bench", f"--plot {args.plot}: {MATPLOTLIB_MISSING}", 1)
+    return json_path, args.plot or str(Path(json_path).with_suffix(".png"))
 
 
 def _bench(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
@@ -184,12 +250,15 @@ def _bench(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
     repeats = args.repeats if args.repeats is not None else (10 if args.quick else 30)
     if repeats < 1:
         parser.error("--repeats must be at least 1")
-    if args.threads is not None:
-        torch.set_num_threads(args.threads)
+    if args.threads is not None and args.threads < 1:
+        parser.error("--threads must be at least 1")
     if args.device == "cuda" and not torch.cuda.is_available():
         parser.error("--device cuda: no CUDA device here")
+    if args.threads is not None:
+        torch.set_num_threads(args.threads)
 
     info = conditions(repeats, args.device)
+    json_path, png_path = _outputs(args, info)
     print(
         f"# wavg-fused bench: wavg_fused {info['wavg_fused']}, torch {info['torch']}, {info['device']}, "
         f"{info['threads']} threads, {info['cpus']} CPUs, {info['date']}, {repeats} repeats, {info['method']}"
@@ -209,41 +278,48 @@ def _bench(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
         rows += case_rows
     print(LEGEND)
 
-    json_path = args.json
-    if json_path is None and not args.no_save and RESULTS_DIR.is_dir():
-        json_path = str(RESULTS_DIR / f"{device_slug(info)}-{info['date'][:10]}{'-quick' if args.quick else ''}.json")
-    if json_path and not args.no_save:
-        with open(json_path, "w") as f:
-            json.dump({"conditions": info, "results": rows}, f, indent=2)
-        print(f"# wrote {json_path}")
-        _draw(json_path, args.plot or str(Path(json_path).with_suffix(".png")))
-    elif args.plot:
-        parser.error("--plot needs the results saved (--json PATH)")
+    if json_path is None:
+        print("# not saved (--no-save)")
+        return 0
+    with open(json_path, "w") as f:
+        json.dump({"conditions": info, "results": rows}, f, indent=2)
+    print(f"# wrote {json_path}")
+    if args.plot or _has_matplotlib():  # an explicit --plot was checked above
+        _draw("bench", json_path, png_path)
+    else:
+        print(f"# no plot: {MATPLOTLIB_MISSING}")
     return 0
 
 
-def _draw(json_path: str, png_path: str) -> None:
+def _draw(command: str, json_path: str, png_path: str) -> None:
     from .plot import plot_results
 
     try:
         plot_results(json_path, png_path)
+    except ResultsError as error:
+        _fail(command, str(error))
     except ImportError:
-        print("# no plot: matplotlib is not installed (pip install 'wavg_fused[bench]')")
-        return
+        _fail(command, MATPLOTLIB_MISSING, 1)
     print(f"# wrote {png_path}")
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    """Entry point of ``wavg-fused``; returns the exit status."""
+    """Entry point of ``wavg-fused``; returns the exit status (bad arguments exit with 2, as
+    argparse does; a missing matplotlib for an asked-for figure with 1)."""
     parser = _parser()
     args = parser.parse_args(argv)
     if args.command == "table":
         from .report import main_table
 
-        print(main_table(args.results))
+        try:
+            print(main_table(args.results))
+        except ResultsError as error:
+            _fail("table", str(error))
         return 0
     if args.command == "plot":
-        _draw(args.results, args.output or str(Path(args.results).with_suffix(".png")))
+        output = args.output or str(Path(args.results).with_suffix(".png"))
+        _check_folder("plot", "-o", output)
+        _draw("plot", args.results, output)
         return 0
     return _bench(args, parser)
 

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import copy
 import os
-import itertools
 from typing import Protocol
 
 import torch
@@ -20,11 +19,11 @@ from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 
 import wavg_fused as wf
 
-from .timing import model_bytes
+from .limit import make_proxies
 
 __all__ = [
     "DECAY", "WARMUP", "Peer", "Unsupported", "BlogLoop", "TorchAveragedModel", "TimmModelEmaV3", "EmaPytorch", "WavgFused",
-    "FlatLerp", "make_peers", "warm_up",
+    "make_peers", "warm_up",
 ]
 
 DECAY = 0.999
@@ -129,37 +128,15 @@ class WavgFused:
         self.avg.update(model)
 
 
-class FlatLerp:
-    """The limit: one fp32 ``lerp_`` over a flat buffer, moving as many bytes as the update must.
-
-    Any averaging update must at least read the model and the average and write the average. For
-    an fp32 model that is one ``lerp_`` over flat buffers of the model's size; for mixed dtypes
-    (bf16 model, fp32 average: 10 bytes an element, not 12) the buffers are sized so the
-    ``lerp_`` moves the same bytes, since torch's mixed-dtype ops are no faster on a CPU.
-    """
-
-    name = "flat lerp_"
-
-    def setup(self, model: nn.Module, dtype: torch.dtype | None) -> None:
-        device = next(itertools.chain(model.parameters(), model.buffers())).device
-        numel = max(model_bytes(model, dtype) // 12, 1)  # fp32 lerp_: read 4 + 4, write 4 bytes
-        self.model = torch.empty(numel, device=device).uniform_(0.5, 1.5)
-        self.avg = self.model.clone()
-
-    @torch.no_grad()
-    def step(self, model: nn.Module) -> None:
-        self.avg.lerp_(self.model, 1 - DECAY)
-
-
 def make_peers(device: str = "cpu") -> list[Peer]:
     """All peers: the baselines, one per available wavg_fused backend (the first also with the
-    non-finite guard), then the limit."""
+    non-finite guard), then the limit's proxies (``limit.py``), the fastest backend's among them."""
     # Triton's CPU interpreter (TRITON_INTERPRET=1, as the tests set) checks kernels; timing it is moot
     interpreted = os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
     wavg = [WavgFused(name) for name in wf.available_backends(device) if not (name == "triton" and interpreted)]
     wavg.insert(1, WavgFused(wavg[0].backend, guarded=True))  # the guard's cost on the fastest backend
     optional = [peer() for module, peer in (("timm", TimmModelEmaV3), ("ema_pytorch", EmaPytorch)) if _installed(module)]
-    return [BlogLoop(), TorchAveragedModel(), *optional, *wavg, FlatLerp()]
+    return [BlogLoop(), TorchAveragedModel(), *optional, *wavg, *make_proxies(wavg[0].backend)]
 
 
 def warm_up(peer: Peer, model: nn.Module, dtype: torch.dtype | None = None, steps: int = WARMUP) -> None:

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
-import json
 from typing import Any
+
+from .limit import is_limit
+from .report import load_results
 
 __all__ = ["plot_results"]
 
@@ -32,19 +34,22 @@ def _bars(axis: Any, rows: list[dict[str, Any]], peers: list[str], key: str, cas
 
 
 def plot_results(json_path: str, png_path: str) -> None:
-    """Draw ``png_path`` from a results JSON written by ``wavg-fused bench`` (needs matplotlib)."""
+    """Draw ``png_path`` from a results JSON written by ``wavg-fused bench`` (needs matplotlib).
+
+    Raises ``ResultsError`` for a file that is no results JSON (checked before matplotlib is
+    imported, so that error wins) and ``ImportError`` without matplotlib.
+    """
+    data = load_results(json_path)
     import matplotlib
 
     matplotlib.use("Agg")  # no screen needed
     import matplotlib.pyplot as plt
 
-    with open(json_path) as f:
-        data = json.load(f)
     rows = [r for r in data["results"] if "unsupported" not in r]
-    info = data["conditions"]
+    info = {"device": "?", "threads": "?", "torch": "?", "date": "?", "method": "?", **data.get("conditions", {})}
     cases = _cases(rows)
     ours = list(dict.fromkeys(r["peer"] for r in rows if r["peer"].startswith("wavg_fused")))
-    others = list(dict.fromkeys(r["peer"] for r in rows if not r["peer"].startswith("flat ")))
+    others = list(dict.fromkeys(r["peer"] for r in rows if not is_limit(r["peer"])))
 
     figure, (left, right) = plt.subplots(1, 2, figsize=(13, 4.5))
     _bars(left, rows, ours, "speedup", cases)
@@ -53,7 +58,7 @@ def plot_results(json_path: str, png_path: str) -> None:
     left.set_title("wavg_fused backends vs the fastest other implementation")
     _bars(right, rows, others, "pct_limit", cases)
     right.axhline(100.0, color="black", linewidth=0.8)
-    right.set_ylabel("% of limit (one op over one flat buffer)")
+    right.set_ylabel("% of limit (fastest same-bytes memory mover)")
     right.set_yscale("log")
     right.set_title("every implementation, percent of the limit")
     figure.suptitle(f"wavg-fused bench on {info['device']} ({info['threads']} threads), torch {info['torch']}, "

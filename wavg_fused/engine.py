@@ -1,0 +1,207 @@
+"""The update engine, read top-down: a model's tensors -> the watch -> the plans -> the backends ->
+the shadow storage. Each step uses only the ones after it; nothing here knows the ``Averager``.
+
+* ``slots.TensorSlots``: where the model keeps each tensor, read without walking the model.
+* ``watch.AddressWatch``: did any model or shadow tensor move, or a submodule get replaced, since
+  the plans were built? Host metadata only, every update (the fast path ends here).
+* ``plan.Plan``: per shadow and device, the tables a kernel reads (built when something moved).
+* ``backends``: one launch per plan (``backends.registry.select_backend`` picks the backend).
+* ``shadow.Shadow``: the averaged copy and its flat storage, which the kernels write.
+
+An engine serves one model and any number of shadows of it (``shadows``); ``runs(model, k)``
+gives shadow ``k``'s (plan, backend) pairs, current for ``model``.
+"""
+
+from __future__ import annotations
+
+import weakref
+from collections.abc import Sequence
+
+import torch
+from torch import nn
+
+from .backends.base import Backend
+from .backends.registry import select_backend
+from .compiled import check_unmoved
+from .guard import combine_flags
+from .methods import Method
+from .plan import Plan, check_structure
+from .shadow import Shadow
+from .sharded import address, has_dtensors, local_pairs, reshard_fsdp
+from .slots import TensorSlots, tied_names
+from .watch import AddressWatch
+
+__all__ = ["Run", "Engine", "check_pairing"]
+
+Run = tuple[Plan, Backend]
+
+
+def _fingerprint(tensors: Sequence[torch.Tensor]) -> tuple:
+    # Host metadata only (reading it never syncs a device): where each tensor's bytes are (a
+    # DTensor's are its local tensor's) and how they are viewed, since `p.data = p.data.t()` or a
+    # `.view()` of another shape keeps the address.
+    return tuple((address(t), t.dtype, t.shape, t.stride()) for t in tensors)
+
+
+def check_pairing(
+    shadow: Shadow, model_slots: TensorSlots, models: Sequence[torch.Tensor], shadows: Sequence[torch.Tensor],
+    by_position: bool = False,
+) -> None:
+    """Raise ``ValueError`` unless the model's tensors pair with the shadow's by name (or, with
+    ``by_position``, by position when only the names differ, as torch's ``AveragedModel`` zips)."""
+    names = model_slots.names
+    if by_position and names != shadow.names and len(names) == len(shadow.names):
+        try:
+            check_structure(shadow.names, shadows, shadow.names, models)
+            return
+        except ValueError:
+            pass
+    shadow_names = set(shadow.names)
+    untied = [name for name in names if name not in shadow_names]
+    if untied and untied[0] in tied_names(shadow.module):
+        raise ValueError(
+            f"model tensor {untied[0]!r} was tied to another when the averager was built and is not any more "
+            "(a new Parameter was assigned to it): the average keeps one tensor for both names; build a new "
+            "averager for the untied model, or tie them again"
+        )
+    check_structure(shadow.names, shadows, names, models)
+
+
+class Engine:
+    """The plans and launches for ``shadows`` of one model, rebuilt only when the watch says so.
+
+    >>> import torch
+    >>> model = torch.nn.Linear(2, 2)
+    >>> engine = Engine([Shadow(model)], "auto")
+    >>> [plan.names for plan, _ in engine.runs(model)]
+    [['weight', 'bias']]
+    """
+
+    def __init__(self, shadows: Sequence[Shadow], backend: str, *, pair_by_position: bool = False) -> None:
+        self.shadows = list(shadows)
+        self.backend = backend
+        self.pair_by_position = pair_by_position
+        for shadow in self.shadows:  # an explicit backend that cannot run fails now
+            for flat_device, _ in shadow.storage.flats:
+                select_backend(backend, flat_device)
+        self.forget()
+
+    def forget(self) -> None:
+        """Drop the plans and the watch (after the shadows were repacked, or on unpickling)."""
+        self._model_ref: weakref.ref | None = None
+        self._watch: AddressWatch | None = None
+        self._model_count = 0
+        self._key: tuple | None = None
+        self._runs: list[list[Run]] | None = None
+        self._sharded = False
+
+    def __getstate__(self) -> dict:
+        state = self.__dict__.copy()
+        state.update(_model_ref=None, _watch=None, _key=None, _runs=None)  # they reference a live model
+        return state
+
+    # ------------------------------------------------------------------ the fast path
+    def runs(self, model: nn.Module, index: int = 0) -> list[Run]:
+        """Shadow ``index``'s (plan, backend) pairs, checked (host metadata only) to describe
+        ``model`` as it is now; rebuilt when a tensor moved or the model is another object."""
+        if self._watch is None or self._model_ref() is not model or self._watch.moved():
+            self._refresh(model)
+        return self._runs[index]
+
+    def moved(self) -> bool:
+        """Whether a watched tensor moved (or nothing is watched) since the plans were built."""
+        return self._watch is None or self._watch.moved()
+
+    def planned(self, model: nn.Module) -> bool:
+        """Whether plans for this very model object exist (the compiled path needs them)."""
+        return self._runs is not None and self._model_ref() is model
+
+    def check_unmoved_in_graph(self, index: int = 0) -> None:
+        """Inside a compiled graph: raise at run time if a model tensor moved since the plans
+        were built (``compiled.check_unmoved``); the host watch cannot run there."""
+        tensors, addresses = self._watch.current_and_expected()
+        if self._runs[index]:
+            check_unmoved(self._runs[index][0][0].spare_count, tensors[: self._model_count], addresses[: self._model_count])
+
+    # ------------------------------------------------------------------ launches
+    def launch(
+        self, runs: Sequence[Run], method: Method, n_averaged: torch.Tensor, n_skipped: torch.Tensor | None,
+        *, tracking: bool = False, rounding_seed: int = -1,
+    ) -> None:
+        """One fused update per plan; ``n_averaged`` (and with the guard, ``n_skipped``: pass it
+        to turn the guard on) read and bumped on the device. ``tracking`` (a schedule's warm-up)
+        copies the model: w = 1 read from the plan's spare counter, ``n_averaged`` does not move."""
+        guard = n_skipped is not None
+        anywhere = None
+        if guard:
+            for plan, backend in runs:
+                backend.check_nonfinite(plan)
+                plan.mark_stream()
+            anywhere = combine_flags(runs, n_averaged.device, self._sharded)
+        seed = -1 if tracking else rounding_seed
+        counted = False
+        # the counter's own device runs last: the others read it before it is bumped
+        for plan, backend in sorted(runs, key=lambda run: run[0].device == n_averaged.device):
+            own = plan.device == n_averaged.device
+            if tracking:
+                n = plan.spare_count
+            elif own:
+                n = n_averaged
+            else:  # a copy into host memory must land before the CPU kernel reads it: blocking there
+                n = n_averaged.to(plan.device, non_blocking=plan.device.type != "cpu")
+            backend.update(plan, method, n, own and not tracking, seed, guard, n_skipped if own else None, guard)
+            plan.mark_stream()
+            counted = counted or own
+        if counted:
+            return
+        if anywhere is not None:
+            if not tracking:
+                n_averaged.sub_(anywhere).add_(1)
+            n_skipped.add_(anywhere)
+        elif not tracking:
+            n_averaged.add_(1)
+
+    # ------------------------------------------------------------------ the slow path
+    def _refresh(self, model: nn.Module) -> None:
+        """The model object or a tensor changed: walk the model again, check it against every
+        shadow, rebuild the plans if any address or view differs, and watch the new slots."""
+        reshard_fsdp(model)  # an FSDP2 root left unsharded by an eval forward: back to its shards
+        model_slots = TensorSlots.of(model)
+        models = model_slots.read()
+        every_shadow = [shadow.tensors() for shadow in self.shadows]
+        for shadow, shadows in zip(self.shadows, every_shadow):
+            check_pairing(shadow, model_slots, models, shadows, self.pair_by_position)
+        key = _fingerprint(models + [t for shadows in every_shadow for t in shadows])
+        if key != self._key or self._runs is None:
+            self._runs = [self._build(shadow, models) for shadow in self.shadows]
+            key = _fingerprint(models + [t for shadow in self.shadows for t in shadow.tensors()])
+        self._model_ref, self._key = weakref.ref(model), key
+        watched = model_slots.slots + model_slots.aliases + [slot for shadow in self.shadows for slot in shadow.slots.slots]
+        self._watch = AddressWatch(watched, model_slots.modules)
+        self._model_count = len(model_slots.slots)
+
+    def _build(self, shadow: Shadow, models: list[torch.Tensor]) -> list[Run]:
+        shadows = shadow.tensors()
+        if not all(shadow.storage.owns(s) for s in local_pairs(shadow.names, shadows, models)[0]):
+            shadow.repack()  # a shadow tensor was replaced behind our back (e.g. load with assign=True)
+            shadows = shadow.tensors()
+        roles = shadow.roles(shadows)
+        shadows, models = local_pairs(shadow.names, shadows, models)  # DTensors: their shards
+        self._sharded = self._sharded or has_dtensors(shadow.module)  # ranks hold different shards
+        by_device: dict[torch.device, list[int]] = {}
+        for index, tensor in enumerate(shadows):
+            by_device.setdefault(tensor.device, []).append(index)
+        runs = []
+        for device, indices in by_device.items():
+            plan = Plan(
+                [shadow.names[i] for i in indices],
+                [shadows[i] for i in indices],
+                [models[i] for i in indices],
+                [roles[i] for i in indices],
+                [shadow.storage.offset_of(shadows[i]) for i in indices],
+                [flat for (flat_device, _), flat in shadow.storage.flats.items() if flat_device == device],
+            )
+            backend = select_backend(self.backend, device)
+            backend.prepare(plan)  # tables made now, so a compiled graph never builds one
+            runs.append((plan, backend))
+        return runs
