@@ -111,6 +111,21 @@ def test_changelog_names_this_version():
     assert f"## {wf.__version__}" in changelog
 
 
+@pytest.mark.skipif("cpu" not in wf.available_backends("cpu"), reason="the compiled extension is not built")
+def test_a_loaded_library_is_never_loaded_again(monkeypatch, tmp_path):
+    """A second copy of the library would register the ops again, which aborts the process: with
+    the ops registered, load() neither builds nor loads another, even with wavg_fused._C hidden."""
+    from wavg_fused import _extension
+
+    monkeypatch.setenv("WAVG_FUSED_CACHE", str(tmp_path))
+    with pytest.raises(ImportError, match="another build of the extension is loaded"):
+        _extension._import_library(Path(wf._C.__file__))
+    monkeypatch.setitem(sys.modules, "wavg_fused._C", None)
+    with pytest.raises(ImportError, match="ModuleNotFoundError: import of wavg_fused._C halted"):
+        _extension.load()
+    assert list(tmp_path.iterdir()) == [] and _extension.state() != "failed"
+
+
 def test_every_source_file_is_built():
     """The one list setup.py and the first-use build read names every .cpp and .cu file."""
     on_disk = {str(p.relative_to(CSRC)) for p in CSRC.rglob("*") if p.suffix in (".cpp", ".cu")}
@@ -125,7 +140,8 @@ def test_jit_forbidden_warns_once_and_runs_torch(copied_package, tmp_path):
     assert len(out["slow"]) == 1, out["slow"]
     assert "slow path" in out["slow"][0] and "WAVG_FUSED_JIT=0 forbids" in out["slow"][0]
     assert "cpu           cpu: not loaded (ImportError: the installed package has no compiled extension" in out["report"]
-    assert "WAVG_FUSED_JIT=0 forbids" in out["report"].splitlines()[-1]
+    assert out["report"].splitlines()[2].startswith("compiled extension: not loaded (the installed package has no")
+    assert "WAVG_FUSED_JIT=0 forbids" in out["report"].splitlines()[2]
     assert not (tmp_path / "c").exists()
 
 
@@ -240,7 +256,8 @@ def test_first_use_builds_the_cpu_kernel(first_uses):
         assert out["state_at_import"] == "not loaded" and out["at_import"] == []
         assert out["backend"] == "cpu" and out["correct"] and out["slow"] == []
         assert "  cpu           cpu: available" in out["report"]
-        assert "compiled extension: built on first use" in out["report"]
+        line = out["report"].splitlines()[2]
+        assert line.startswith("compiled extension: CPU kernel ") and "; built on first use" in line, line
     (stamp,) = cache.rglob("built")
     assert stamp.parent.name == "cpu" and json.loads(stamp.read_text())["cuda"] is False
     print(f"first-use build: {json.loads(stamp.read_text())['seconds']} s")

@@ -174,7 +174,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     except ImportError as error:
         print(f"wavg_fused: no compiled kernels: {error}", file=sys.stderr)
         return 1
-    print(_extension.describe())
+    print(f"wavg_fused: compiled kernels {_extension.origin()}")
     print(f"backends for CPU tensors: {', '.join(available_backends('cpu'))} ({time.perf_counter() - start:.1f} s)")
     return 0
 
