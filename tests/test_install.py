@@ -254,7 +254,7 @@ def test_first_use_builds_the_cpu_kernel(first_uses):
     assert sum(err.count("wavg_fused: compiling its C++ kernels") for err in stderrs) == 1, stderrs
     for out in outs:
         assert out["state_at_import"] == "not loaded" and out["at_import"] == []
-        assert out["backend"] == "cpu" and out["correct"] and out["slow"] == []
+        assert out["backend"] == "cpu" and out["correct"] and out["slow"] == [], out["slow"]
         assert "  cpu           cpu: available" in out["report"]
         line = out["report"].splitlines()[2]
         assert line.startswith("compiled extension: CPU kernel ") and "; built on first use" in line, line
@@ -271,7 +271,7 @@ def test_later_process_loads_the_build_at_import(first_uses, installed):
                             WAVG_FUSED_BUILD_CUDA="0", WAVG_FUSED_JIT="0")
     assert "compiling" not in stderr
     assert out["state_at_import"] == "cached" and out["watch_fast"]  # the address watch's C++ path too
-    assert out["backend"] == "cpu" and out["correct"] and out["slow"] == []
+    assert out["backend"] == "cpu" and out["correct"] and out["slow"] == [], out["slow"]
 
 
 @pytest.mark.slow  # the build: 2-4 minutes on 2 cores (CI runs slow tests)

@@ -124,8 +124,10 @@ def _ops_registered() -> bool:
     return True
 
 
-def _import_library(path: Path) -> types.ModuleType:
-    if _ops_registered():
+def _import_library(path: Path, loaded_by_torch: bool = False) -> types.ModuleType:
+    # loaded_by_torch: the build just dlopen'ed this very file, which importing it opens again
+    # (the same handle, no second registration)
+    if not loaded_by_torch and _ops_registered():
         raise ImportError(f"not loading {path}: another build of the extension is loaded in this process")
     spec = importlib.util.spec_from_file_location(MODULE_NAME, path)
     assert spec is not None and spec.loader is not None
@@ -245,7 +247,7 @@ def load() -> types.ModuleType:
     except BuildError as error:
         raise _fail(f"{prefix}{error}") from None
     try:
-        return _record("built", str(path), _import_library(path))
+        return _record("built", str(path), _import_library(path, loaded_by_torch=True))
     except Exception as error:
         raise _fail(f"{prefix}it was built ({path}) but did not load ({type(error).__name__}: {error})") from None
 
