@@ -1,5 +1,6 @@
 """Build script. The compiled kernels in ``csrc/`` are optional: without them the package runs on its
-pure-PyTorch backend. Switches (environment variables, see README.md):
+pure-PyTorch backend, and builds them on first use (``wavg_fused.build``). Switches (environment
+variables, see README.md):
 
 * ``WAVG_FUSED_BUILD_EXT=0``: Python only, build no extension.
 * ``WAVG_FUSED_BUILD_CUDA=0/1``: force the CUDA kernels off/on (default: on when torch is a CUDA
@@ -8,70 +9,77 @@ pure-PyTorch backend. Switches (environment variables, see README.md):
 * ``DEBUG=1``: ``-O0 -g``.
 * ``WAVG_FUSED_PTXAS_VERBOSE=1``: print ptxas resource usage (registers, spills) per kernel.
 
-The extension compiles against the torch in the build environment, so install with
-``pip install --no-build-isolation`` after torch.
+The extension compiles against the torch in the build environment: ``pip install
+--no-build-isolation`` after torch builds it now. Under pip's default build isolation there is no
+torch, so the wheel is Python only; it carries ``csrc/`` (as ``wavg_fused/csrc``) and compiles it
+against the user's torch at first use. Sources and flags come from ``wavg_fused/_sources.py``,
+which the first-use build reads too.
 """
 
-import glob
+import importlib.util
 import os
+import shutil
 
 from setuptools import setup
+from setuptools.command.build_py import build_py
+
+_HERE = os.path.dirname(os.path.abspath(__file__))
 
 
-def _flag(name: str) -> bool | None:
-    value = os.environ.get(name)
-    return None if value in (None, "") else value not in ("0", "false", "False", "no")
+def _load_sources():
+    # by path: importing the package would import torch, which the build environment may lack
+    spec = importlib.util.spec_from_file_location("_wavg_fused_sources", os.path.join(_HERE, "wavg_fused", "_sources.py"))
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+src = _load_sources()
+
+
+class BuildPyWithSources(build_py):
+    """Also puts ``csrc/`` into the package (``wavg_fused/csrc``), so an installed package without
+    ``_C`` can compile it on first use. Editable installs read ``csrc/`` where it is."""
+
+    def run(self) -> None:
+        super().run()
+        if getattr(self, "editable_mode", False):
+            return
+        target = os.path.join(self.build_lib, "wavg_fused", "csrc")
+        shutil.rmtree(target, ignore_errors=True)
+        shutil.copytree(os.path.join(_HERE, "csrc"), target,
+                        ignore=shutil.ignore_patterns("__pycache__", "*.o", "*.so"))
 
 
 def extensions() -> tuple[list, dict]:
-    if _flag("WAVG_FUSED_BUILD_EXT") is False:
-        return [], {}
-    if not os.environ.get("CUDA_HOME") and os.path.exists("/usr/local/cuda/bin/nvcc"):
-        # torch guesses CUDA_HOME from the nvcc on PATH; a wrapper script there (as in some
-        # images) points it at a directory without the CUDA libraries.
-        os.environ["CUDA_HOME"] = "/usr/local/cuda"
+    cmdclass = {"build_py": BuildPyWithSources}
+    if src.flag("WAVG_FUSED_BUILD_EXT") is False:
+        return [], cmdclass
+    cuda_home = src.default_cuda_home()
+    if cuda_home:
+        os.environ["CUDA_HOME"] = cuda_home  # before torch's cpp_extension reads it
     try:
         import torch
         from torch.utils.cpp_extension import CUDA_HOME, BuildExtension, CppExtension, CUDAExtension
     except ImportError:
-        print("wavg_fused: torch is not importable at build time; building the Python-only package")
-        return [], {}
+        print("wavg_fused: torch is not importable at build time; building the Python-only package "
+              "(it compiles its kernels against your torch on first use)")
+        return [], cmdclass
 
-    debug = _flag("DEBUG") is True
-    cxx = ["-O0", "-g"] if debug else ["-O3"]
-    cxx += ["-fopenmp"]  # the C++ standard is what torch's headers need; BuildExtension sets it
-    # Files compiled for a wider instruction set come last: the linker keeps the first copy of an
-    # inline function it sees, and that copy must run on every CPU.
-    sources = [
-        "csrc/wavg_fused.cpp",
-        "csrc/module.cpp",
-        "csrc/cpu/update_cpu.cpp",
-        "csrc/cuda/update_emulated.cpp",  # the CUDA kernels' code on the CPU (host compiler, always built)
-        "csrc/cpu/kernel_default.cpp",
-        "csrc/cpu/kernel_avx2.cpp",
-        "csrc/cpu/kernel_avx512.cpp",
-    ]
-    build_cuda = _flag("WAVG_FUSED_BUILD_CUDA")
-    if build_cuda is None:
-        build_cuda = torch.version.cuda is not None and CUDA_HOME is not None
-    kwargs = dict(name="wavg_fused._C", include_dirs=[os.path.abspath("csrc")], extra_link_args=["-fopenmp"])
-    if not build_cuda:
-        return [CppExtension(sources=sources, extra_compile_args={"cxx": cxx}, **kwargs)], {
-            "build_ext": BuildExtension
-        }
+    cmdclass["build_ext"] = BuildExtension
+    debug = src.flag("DEBUG") is True
+    cxx = src.cxx_flags(debug)
+    sources = [f"csrc/{name}" for name in src.CPU_SOURCES]
+    kwargs = dict(name="wavg_fused._C", include_dirs=[os.path.abspath("csrc")], extra_link_args=list(src.LINK_FLAGS))
+    if not src.want_cuda(torch.version.cuda, CUDA_HOME):
+        return [CppExtension(sources=sources, extra_compile_args={"cxx": cxx}, **kwargs)], cmdclass
 
-    os.environ.setdefault("TORCH_CUDA_ARCH_LIST", "8.0;9.0+PTX")
-    nvcc = ["-O0", "-g", "-G"] if debug else ["-O3"]  # no fast math: the rule must match the CPU
-    nvcc += ["-lineinfo"]
-    if _flag("WAVG_FUSED_PTXAS_VERBOSE"):
-        nvcc += ["-Xptxas", "-v"]
-    include_dirs = kwargs.pop("include_dirs")
-    # CUDA headers shipped with torch's CUDA wheels, for toolkits that lack some of them.
-    include_dirs += glob.glob(os.path.join(os.path.dirname(torch.__file__), "..", "nvidia", "cu*", "include"))
-    sources += sorted(glob.glob("csrc/cuda/*.cu"))
-    ext = CUDAExtension(sources=sources, include_dirs=include_dirs, extra_compile_args={"cxx": cxx, "nvcc": nvcc},
-                        **kwargs)
-    return [ext], {"build_ext": BuildExtension}
+    os.environ.setdefault("TORCH_CUDA_ARCH_LIST", src.DEFAULT_CUDA_ARCH_LIST)
+    nvcc = src.nvcc_flags(debug, bool(src.flag("WAVG_FUSED_PTXAS_VERBOSE")))
+    kwargs["include_dirs"] += src.cuda_include_dirs(os.path.dirname(torch.__file__))
+    sources += [f"csrc/{name}" for name in src.cuda_sources("csrc")]
+    ext = CUDAExtension(sources=sources, extra_compile_args={"cxx": cxx, "nvcc": nvcc}, **kwargs)
+    return [ext], cmdclass
 
 
 ext_modules, cmdclass = extensions()

@@ -6,7 +6,18 @@
 >>> avg.update(model)
 """
 
-from . import optim
+from ._version import version as _version
+
+__version__ = _version()
+
+# Before the modules that import wavg_fused._C at import time: an extension built on first use by
+# an earlier process is loaded here (never compiled here; see wavg_fused._extension).
+from . import _extension  # noqa: E402
+
+_extension.preload()
+
+from . import optim  # noqa: E402
+from ._extension import SlowPathWarning
 from .averager import Averager
 from . import distributed
 from .backends import available_backends, backend_report
@@ -24,8 +35,6 @@ from .methods import EMA, SWA, TADEMA, EMAWarmup, Method, PowerEMA, sigma_rel_to
 from .swa_utils import AveragedModel, get_ema_multi_avg_fn, get_swa_multi_avg_fn
 from .unwrap import de_parallel
 
-__version__ = "0.1.0"
-
 __all__ = [
     "Averager",
     "AveragedModel",
@@ -40,6 +49,7 @@ __all__ = [
     "sigma_rel_to_gamma",
     "available_backends",
     "backend_report",
+    "SlowPathWarning",
     "de_parallel",
     "AveragingBaseModel",
     "EMAModel",

@@ -1,7 +1,8 @@
 """Typed Python wrappers of the compiled ops, with their fake (meta) implementations.
 
-Importing this module loads ``wavg_fused._C`` (the op registrations) and raises ``ImportError``
-when the extension was not built; the backend registry records that as the reason.
+Importing this module loads ``wavg_fused._C`` (the op registrations): the installed extension, or
+one built on first use (``wavg_fused._extension``), and raises ``ImportError`` when there is none;
+the backend registry records that as the reason.
 """
 
 from __future__ import annotations
@@ -10,10 +11,12 @@ from collections.abc import Sequence
 
 import torch
 
-from . import _C  # noqa: F401  (registers torch.ops.wavg_fused.*)
+from ._extension import load as _load_extension
 from .plan import COLUMNS
 
 __all__ = ["update_", "update_emulated_"]
+
+_C = _load_extension()  # registers torch.ops.wavg_fused.*; may compile it, once per torch and machine
 
 
 def update_(

@@ -116,10 +116,12 @@ def available_backends(device: torch.device | str = "cpu", include_test_tools: b
 
 def _extension_line() -> str:
     """Which CPU kernel the compiled extension runs and whether it has CUDA kernels, or why not."""
+    from .._extension import load, origin
+
     try:
-        extension = importlib.import_module("._C", __package__.rpartition(".")[0])
+        extension = load()  # the installed extension, or one built on first use (may build it now)
     except ImportError as error:
-        return f"compiled extension: not loaded ({type(error).__name__}: {error})"
+        return f"compiled extension: not loaded ({error})"
     pick = getattr(extension, "cpu_kernel_isa", None)
     if pick is None:
         isa = "unknown (this build of the extension predates cpu_kernel_isa)"
@@ -131,7 +133,7 @@ def _extension_line() -> str:
     forced = os.environ.get("WAVG_FUSED_CPU_ISA")
     isa += f" (forced by WAVG_FUSED_CPU_ISA={forced!r})" if forced else ""
     cuda = torch._C._dispatch_has_kernel_for_dispatch_key("wavg_fused::update_", "CUDA")
-    return f"compiled extension: CPU kernel {isa}; CUDA kernels compiled in: {'yes' if cuda else 'no'}"
+    return f"compiled extension: CPU kernel {isa}; CUDA kernels compiled in: {'yes' if cuda else 'no'}; {origin()}"
 
 
 def backend_report() -> str:
