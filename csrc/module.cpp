@@ -48,7 +48,7 @@ constexpr int64_t kDTensor = -2;
 // For each i, looks up tables[i][keys[i]] (a module's _parameters, _buffers or _modules dict) and
 // returns the first i whose entry is missing or changed; -1 if none did. expected[i] (an int64 CPU
 // tensor) is a tensor's data address or, for anything else (a submodule), its id(). `layouts`
-// holds, per entry, [dtype code, ndim, sizes..., strides...] for a tensor or [-1] for anything
+// holds, per entry, [dtype code, ndim, sizes..., strides..., requires_grad] for a tensor or [-1] for anything
 // else: `p.data = p.data.t()` keeps the address and must still count as a change. A DTensor
 // (an object with a `_local_tensor`) is recorded as [-2, its local tensor's layout] and compared
 // by that local tensor, where its bytes are (the DTensor's own data_ptr() is 0). Update calls it
@@ -113,9 +113,10 @@ PyObject* first_moved(PyObject* /*self*/, PyObject* args) {
     const bool same = reinterpret_cast<int64_t>(tensor.const_data_ptr()) == want[i] &&
                       static_cast<int64_t>(tensor.scalar_type()) == code &&
                       static_cast<int64_t>(sizes.size()) == ndim && std::equal(sizes.begin(), sizes.end(), layout) &&
-                      std::equal(strides.begin(), strides.end(), layout + ndim);
+                      std::equal(strides.begin(), strides.end(), layout + ndim) &&
+                      static_cast<int64_t>(tensor.requires_grad()) == layout[2 * ndim];
     if (!same) return PyLong_FromSsize_t(i);
-    layout += 2 * ndim;
+    layout += 2 * ndim + 1;
   }
   return PyLong_FromLong(-1);
   END_HANDLE_TH_ERRORS
@@ -153,6 +154,7 @@ PyObject* record_layouts(PyObject* /*self*/, PyObject* args) {
     records.push_back(tensor.dim());
     for (const int64_t size : tensor.sizes()) records.push_back(size);
     for (const int64_t stride : tensor.strides()) records.push_back(stride);
+    records.push_back(tensor.requires_grad());  // unfreezing a layer re-plans, and the shadow follows
   }
   at::Tensor out = at::empty({static_cast<int64_t>(records.size())}, at::kLong);
   std::copy(records.begin(), records.end(), out.data_ptr<int64_t>());

@@ -138,3 +138,18 @@ def test_the_guard_warns_after_a_run_of_skipped_updates():
         avg.update(model)
     messages = _runtime_warnings(caught)
     assert len(messages) == 1 and "'weight'" in messages[0] and f"{wf.guard.RUN_LENGTH} updates in a row" in messages[0]
+
+
+def test_unfreezing_after_construction_reaches_the_averaged_copy(backend):
+    model = Head()
+    model.body.requires_grad_(False)
+    avg = wf.Averager(model, wf.EMA(0.9), backend=backend)
+    assert not avg.module.body.weight.requires_grad
+    plan = avg._runs[0][0]
+    model.body.requires_grad_(True)
+    avg.update(model)
+    assert avg.module.body.weight.requires_grad and avg.module.body.bias.requires_grad
+    assert avg._runs[0][0] is plan  # a flag is not a new plan
+    model.fc.requires_grad_(False)
+    avg.update(model)
+    assert not avg.module.fc.weight.requires_grad and avg.module.body.weight.requires_grad

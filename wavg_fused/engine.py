@@ -67,6 +67,17 @@ def check_pairing(
     check_structure(shadow.names, shadows, names, models)
 
 
+def _follow_requires_grad(shadows: Sequence[torch.Tensor], models: Sequence[torch.Tensor], before: list[bool] | None) -> None:
+    # A layer (un)frozen in the model after construction: its shadow follows (the watch records
+    # the flags, so the change re-plans and lands here). Only changes are followed, so a shadow
+    # frozen on purpose (ema-pytorch's habit) stays frozen while the model's flag stays.
+    if before is None or len(before) != len(models):
+        return
+    for shadow, model, was in zip(shadows, models, before):
+        if model.requires_grad != was and isinstance(shadow, nn.Parameter):
+            shadow.requires_grad_(model.requires_grad)
+
+
 class Engine:
     """The plans and launches for ``shadows`` of one model, rebuilt only when the watch says so.
 
@@ -94,10 +105,11 @@ class Engine:
         self._key: tuple | None = None
         self._runs: list[list[Run]] | None = None
         self._sharded = False
+        self._model_flags: list[bool] | None = None  # the model's requires_grad when last planned
 
     def __getstate__(self) -> dict:
         state = self.__dict__.copy()
-        state.update(_model_ref=None, _watch=None, _key=None, _runs=None)  # they reference a live model
+        state.update(_model_ref=None, _watch=None, _key=None, _runs=None, _model_flags=None)  # they reference a live model
         return state
 
     # ------------------------------------------------------------------ the fast path
@@ -171,6 +183,8 @@ class Engine:
         every_shadow = [shadow.tensors() for shadow in self.shadows]
         for shadow, shadows in zip(self.shadows, every_shadow):
             check_pairing(shadow, model_slots, models, shadows, self.pair_by_position)
+            _follow_requires_grad(shadows, models, self._model_flags)
+        self._model_flags = [m.requires_grad for m in models]
         key = _fingerprint(models + [t for shadows in every_shadow for t in shadows])
         if key != self._key or self._runs is None:
             self._runs = [self._build(shadow, models) for shadow in self.shadows]

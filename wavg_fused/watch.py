@@ -39,7 +39,7 @@ def _layout(value: object) -> tuple | None:
     if not isinstance(value, torch.Tensor):
         return None
     value = local(value)
-    return (value.dtype, value.shape, value.stride())
+    return (value.dtype, value.shape, value.stride(), value.requires_grad)
 
 
 class AddressWatch:
