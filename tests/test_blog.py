@@ -2,6 +2,7 @@
 
 import copy
 import math
+import warnings
 
 import pytest
 import torch
@@ -95,3 +96,24 @@ def test_de_parallel_unwraps_wrappers():
     assert isinstance(avg.module, nn.Linear)
     avg.update(nn.DataParallel(net))
     assert torch.equal(avg.module.weight, net.weight)
+
+
+def test_cuda_without_cuda_warns_once(monkeypatch):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    monkeypatch.setattr(wf.blog, "_warned_no_cuda", False, raising=False)
+    net = nn.Linear(2, 2)
+    with pytest.warns(UserWarning, match="CUDA is not available.*stays on the CPU") as record:
+        ema = wf.EMAModel(net, cuda=True)
+        wf.SWAModel(net, cuda=True)
+        wf.AveragingBaseModel(net, cuda=True)
+    assert len([w for w in record if "CUDA is not available" in str(w.message)]) == 1
+    assert record[0].filename == __file__  # points at the caller, not at blog.py
+    assert ema.module.weight.device.type == "cpu"
+
+
+def test_cuda_false_does_not_warn(monkeypatch):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    monkeypatch.setattr(wf.blog, "_warned_no_cuda", False, raising=False)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        wf.EMAModel(nn.Linear(2, 2), cuda=False)

@@ -7,10 +7,15 @@ deliberate differences, both fixes:
   counts once per tensor, so its decay reached ``alpha`` within the first update of any model.
 * With ``use_buffers=True`` integer buffers (BatchNorm's ``num_batches_tracked``) are copied;
   the blog averaged them as floats and truncated.
+
+One addition: ``cuda=True`` without CUDA still keeps the average on the CPU, as in the blog, but
+says so once per process (a ``UserWarning``) instead of silently.
 """
 
 from __future__ import annotations
 
+import sys
+import warnings
 from collections.abc import Callable
 
 import torch
@@ -71,9 +76,37 @@ def get_t_adema_fn(alpha: float = 0.9) -> AvgFn:
 
 get_t_adema = get_t_adema_fn  # the blog's name
 
+_warned_no_cuda = False
+
+
+def _frames_in_this_file() -> int:
+    frame, n = sys._getframe(1), 0
+    while frame is not None and frame.f_code.co_filename == __file__:
+        frame, n = frame.f_back, n + 1
+    return n
+
+
+def _blog_device(cuda: bool) -> str:
+    """``"cuda"`` when asked for and available; otherwise ``"cpu"``, warning once if CUDA was asked for."""
+    global _warned_no_cuda
+    if not cuda:
+        return "cpu"
+    if torch.cuda.is_available():
+        return "cuda"
+    if not _warned_no_cuda:
+        _warned_no_cuda = True
+        warnings.warn(
+            "AveragingBaseModel(cuda=True): CUDA is not available, so the average stays on the CPU",
+            UserWarning,
+            stacklevel=_frames_in_this_file() + 1,  # point at the user's line, not EMAModel's
+        )
+    return "cpu"
+
 
 class AveragingBaseModel(Averager):
     """The blog's base class: ``cuda=True`` keeps the average on the GPU when there is one.
+
+    Without CUDA, ``cuda=True`` keeps it on the CPU and warns (once per process).
 
     ``avg_fn`` from ``get_*_avg_fn`` runs fused; any other ``avg_fn(averaged, model, n)`` runs
     per tensor (slow path); ``None`` means SWA, as in ``torch.optim.swa_utils.AveragedModel``.
@@ -92,7 +125,7 @@ class AveragingBaseModel(Averager):
         avg_fn: Callable | None = None,
         use_buffers: bool = False,
     ) -> None:
-        device = "cuda" if cuda and torch.cuda.is_available() else "cpu"
+        device = _blog_device(cuda)
         method = getattr(avg_fn, "wavg_method", avg_fn)
         super().__init__(model, method, use_buffers=use_buffers, device=device)
         self.avg_fn = avg_fn
