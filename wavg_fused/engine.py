@@ -153,7 +153,8 @@ class Engine:
         seed = -1 if tracking else rounding_seed
         counted = False
         # the counter's own device runs last: the others read it before it is bumped
-        for plan, backend in sorted(runs, key=lambda run: run[0].device == n_averaged.device):
+        ordered = runs if len(runs) == 1 else sorted(runs, key=lambda run: run[0].device == n_averaged.device)
+        for plan, backend in ordered:
             own = plan.device == n_averaged.device
             if tracking:
                 n = plan.spare_count

@@ -73,9 +73,13 @@ class SkipWatch:
     def __init__(self) -> None:
         self._seen = 0  # n_skipped when last read
         self._streak = 0
-        self._updates = 0
         self._warned = False
-        self._pending: tuple[torch.Tensor, torch.cuda.Event] | None = None
+        self._host: torch.Tensor | None = None  # pinned [n_skipped, n_averaged], made once
+        self._event: torch.cuda.Event | None = None  # recorded after the copies into _host
+        self._pending = False
+
+    def __getstate__(self) -> dict:
+        return {**self.__dict__, "_host": None, "_event": None, "_pending": False}  # a CUDA event does not pickle
 
     def after_update(self, n_skipped: torch.Tensor, n_averaged: torch.Tensor, culprit: object) -> None:
         """Call after each guarded update; ``culprit()`` names the tensor (it may read the device)."""
@@ -84,16 +88,18 @@ class SkipWatch:
         if n_skipped.device.type == "cpu":
             self._read(int(n_skipped), int(n_averaged), culprit)
             return
-        if self._pending is not None and self._pending[1].query():
-            counts = self._pending[0].tolist()
-            self._pending = None
-            self._read(counts[0], counts[1], culprit)
-        if self._pending is None:  # no sync: the copy lands while training goes on
-            host = torch.empty(2, dtype=torch.long, pin_memory=True)
-            host.copy_(torch.stack([n_skipped, n_averaged]), non_blocking=True)
-            event = torch.cuda.Event()
-            event.record()
-            self._pending = (host, event)
+        if self._pending and self._event.query():
+            self._pending = False
+            skipped, averaged = self._host.tolist()
+            self._read(skipped, averaged, culprit)
+        if not self._pending:  # no sync: the copies land while training goes on
+            if self._host is None:
+                self._host = torch.empty(2, dtype=torch.long, pin_memory=True)
+                self._event = torch.cuda.Event()
+            self._host[0].copy_(n_skipped, non_blocking=True)
+            self._host[1].copy_(n_averaged, non_blocking=True)
+            self._event.record()
+            self._pending = True
 
     def _read(self, skipped: int, averaged: int, culprit: object) -> None:
         self._streak = self._streak + (skipped - self._seen) if skipped > self._seen else 0
