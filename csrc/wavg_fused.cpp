@@ -30,6 +30,19 @@ TORCH_LIBRARY(wavg_fused, m) {
       "update_emulated_(Tensor(a!)[] flats, Tensor table, Tensor blocks, Tensor(b!) n_averaged, "
       "Tensor(c!) workspace, int method, float[] params, bool bump, int rounding_seed, int action=0, "
       "bool guard=False, Tensor(d!)? n_skipped=None) -> ()");
+  // Several averages of one model (AveragerGroup) in one pass: `table` has one row per (model
+  // tensor, member), member k's row of tensor t at t * K + k (K = len(methods); a row without
+  // elements where member k does not keep tensor t), its `flat` indexing the concatenation of
+  // every member's storage buffers; `blocks` addresses tensors (as update_'s, over each tensor's
+  // elements). Per member k: `counters[k]` (its n_averaged, read on the device), `methods[k]`,
+  // `params[4k:4k+4]`, `rounding_seeds[k]`, and `flags[k]` (1: bump its counter, 2: write its
+  // shadow in this update). The update only (no transfers, no guard); the model is read once.
+  m.def(
+      "update_group_(Tensor(a!)[] flats, Tensor table, Tensor blocks, Tensor(b!)[] counters, "
+      "Tensor(c!) workspace, int[] methods, float[] params, int[] flags, int[] rounding_seeds) -> ()");
+  m.def(
+      "update_group_emulated_(Tensor(a!)[] flats, Tensor table, Tensor blocks, Tensor(b!)[] counters, "
+      "Tensor(c!) workspace, int[] methods, float[] params, int[] flags, int[] rounding_seeds) -> ()");
 }
 
 // The op has no outputs and nothing to differentiate: skip autograd's boxed not-implemented
@@ -37,4 +50,6 @@ TORCH_LIBRARY(wavg_fused, m) {
 TORCH_LIBRARY_IMPL(wavg_fused, Autograd, m) {
   m.impl("update_", torch::CppFunction::makeFallthrough());
   m.impl("update_emulated_", torch::CppFunction::makeFallthrough());
+  m.impl("update_group_", torch::CppFunction::makeFallthrough());
+  m.impl("update_group_emulated_", torch::CppFunction::makeFallthrough());
 }

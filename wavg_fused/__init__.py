@@ -19,6 +19,7 @@ _extension.preload()
 from . import optim  # noqa: E402
 from ._extension import SlowPathWarning
 from .averager import Averager
+from .group import AveragerGroup
 from . import distributed
 from .backends import available_backends, backend_report
 from .blog import (
@@ -37,6 +38,7 @@ from .unwrap import de_parallel
 
 __all__ = [
     "Averager",
+    "AveragerGroup",
     "AveragedModel",
     "get_ema_multi_avg_fn",
     "get_swa_multi_avg_fn",

@@ -36,6 +36,7 @@ CPU_SOURCES: tuple[str, ...] = (
     "wavg_fused.cpp",
     "module.cpp",
     "cpu/update_cpu.cpp",
+    "cpu/update_group_cpu.cpp",
     "cuda/update_emulated.cpp",  # the CUDA kernels' code on the CPU (host compiler, always built)
     "cpu/kernel_default.cpp",
     "cpu/kernel_avx2.cpp",

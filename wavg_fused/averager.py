@@ -87,6 +87,7 @@ class Averager(CheckpointMethods, SwapMethods, nn.Module):
 
     n_averaged: torch.Tensor
     _pair_by_position = False  # AveragedModel pairs tensors by position when only names differ
+    _member = 0  # which of the engine's shadows is this average's (an AveragerGroup's engine serves several)
 
     def __init__(
         self,
@@ -137,6 +138,10 @@ class Averager(CheckpointMethods, SwapMethods, nn.Module):
         self.__dict__["_skip_watch"] = SkipWatch()
         self._engine.runs(model)  # plans now, so a compiled first update finds them
 
+    def _share_engine(self, engine: Engine, member: int) -> None:
+        """Be shadow ``member`` of ``engine``, which serves several averages of one model (``AveragerGroup``)."""
+        self.__dict__["_engine"], self.__dict__["_member"] = engine, member
+
     # ------------------------------------------------------------------ nn.Module plumbing
     def forward(self, *args: Any, **kwargs: Any) -> Any:
         return self.module(*args, **kwargs)  # refused while swapped in (refuse_while_swapped)
@@ -163,20 +168,19 @@ class Averager(CheckpointMethods, SwapMethods, nn.Module):
         return self
 
     def _repack(self) -> None:
-        for shadow in self._engine.shadows:
-            shadow.repack()
+        self._engine.shadows[self._member].repack()
         self._engine.forget()
 
     @property
     def storage(self) -> ShadowStorage:
         """The flat buffers holding the averaged copy (``.nbytes``, ``.tensor_bytes``)."""
-        return self._engine.shadows[0].storage
+        return self._engine.shadows[self._member].storage
 
     @property
     def _runs(self) -> list[Run] | None:
         """The current (plan, backend) pairs, as the last update left them: for tests and debugging."""
         runs = self._engine._runs
-        return None if runs is None else runs[0]
+        return None if runs is None else runs[self._member]
 
     def _roles_by_name(self) -> dict[str, int]:
         """Each shadow tensor's role in the current plans (``plan.ROLE_*``): for tests and debugging."""
@@ -209,7 +213,7 @@ class Averager(CheckpointMethods, SwapMethods, nn.Module):
         if action is Action.SKIP:
             self._calls += 1
             return
-        runs = self._engine.runs(model)
+        runs = self._engine.runs(model, self._member)
         tracking = action is Action.TRACK
         if not isinstance(self.method, Method):
             if self.skip_nonfinite and skip_on_host(runs):
@@ -250,6 +254,6 @@ class Averager(CheckpointMethods, SwapMethods, nn.Module):
                 "Averager.update under torch.compile: update_after, update_every and write_back_every are "
                 "decided on the host; call update outside the compiled function to use them"
             )
-        self._engine.check_unmoved_in_graph()
+        self._engine.check_unmoved_in_graph(self._member)
         self._launch(self._runs, tracking=False)
         self._traced_calls.add_(1)

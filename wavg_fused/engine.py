@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import weakref
 from collections.abc import Sequence
+from dataclasses import dataclass
 
 import torch
 from torch import nn
@@ -23,6 +24,7 @@ from torch import nn
 from .backends.base import Backend
 from .backends.registry import select_backend
 from .compiled import check_unmoved
+from .group_plan import MAX_FLATS, MAX_MEMBERS, GroupPlan
 from .guard import combine_flags
 from .methods import Method
 from .plan import Plan, check_structure
@@ -31,9 +33,22 @@ from .sharded import address, has_dtensors, local_pairs, reshard_fsdp
 from .slots import TensorSlots, tied_names
 from .watch import AddressWatch
 
-__all__ = ["Run", "Engine", "check_pairing"]
+__all__ = ["Run", "Engine", "MemberStep", "check_pairing"]
 
 Run = tuple[Plan, Backend]
+
+
+@dataclass(frozen=True)
+class MemberStep:
+    """What one update does to one shadow of a group (``Engine.launch_group``): ``active`` False
+    leaves it as it is (its schedule skips this call); ``tracking`` copies the model without
+    counting (a schedule's warm-up)."""
+
+    method: Method
+    n_averaged: torch.Tensor
+    active: bool = True
+    tracking: bool = False
+    rounding_seed: int = -1
 
 
 def _fingerprint(tensors: Sequence[torch.Tensor]) -> tuple:
@@ -106,10 +121,11 @@ class Engine:
         self._runs: list[list[Run]] | None = None
         self._sharded = False
         self._model_flags: list[bool] | None = None  # the model's requires_grad when last planned
+        self._group: GroupPlan | None = None  # the merged tables of the current plans, made at first use
 
     def __getstate__(self) -> dict:
         state = self.__dict__.copy()
-        state.update(_model_ref=None, _watch=None, _key=None, _runs=None, _model_flags=None)  # they reference a live model
+        state.update(_model_ref=None, _watch=None, _key=None, _runs=None, _model_flags=None, _group=None)  # they reference a live model
         return state
 
     # ------------------------------------------------------------------ the fast path
@@ -119,6 +135,12 @@ class Engine:
         if self._watch is None or self._model_ref() is not model or self._watch.moved():
             self._refresh(model)
         return self._runs[index]
+
+    def all_runs(self, model: nn.Module) -> list[list[Run]]:
+        """Every shadow's (plan, backend) pairs, checked once (``runs`` checks per shadow)."""
+        if self._watch is None or self._model_ref() is not model or self._watch.moved():
+            self._refresh(model)
+        return self._runs
 
     def moved(self) -> bool:
         """Whether a watched tensor moved (or nothing is watched) since the plans were built."""
@@ -174,6 +196,47 @@ class Engine:
         elif not tracking:
             n_averaged.add_(1)
 
+    def launch_group(self, every_runs: Sequence[Sequence[Run]], steps: Sequence[MemberStep]) -> None:
+        """Update every shadow (``every_runs[k]``, as ``all_runs`` gives them) as ``steps[k]`` says,
+        in one launch that reads each model tensor once where the backend has a group kernel and
+        each shadow is one plan on its counter's device; else one ``launch`` per active shadow
+        (the same results: each shadow's elements are computed by the same code either way)."""
+        group = self._group_plan(every_runs, steps)
+        if group is None:
+            for runs, step in zip(every_runs, steps):
+                if step.active:
+                    self.launch(runs, step.method, step.n_averaged, None, tracking=step.tracking,
+                                rounding_seed=-1 if step.tracking else step.rounding_seed)
+            return
+        counters, flags, seeds = [], [], []
+        for runs, step in zip(every_runs, steps):
+            plan = runs[0][0]
+            if step.active:
+                plan.stage()
+            counters.append(plan.spare_count if step.tracking else step.n_averaged)
+            flags.append((0 if step.tracking else 1) | (2 if step.active else 0))
+            seeds.append(-1 if step.tracking else step.rounding_seed)
+        backend = every_runs[0][0][1]
+        backend.update_group(group, [step.method for step in steps], counters, flags, seeds)
+        group.mark_stream()
+        for runs in every_runs:
+            runs[0][0].mark_stream()
+
+    def _group_plan(self, every_runs: Sequence[Sequence[Run]], steps: Sequence[MemberStep]) -> GroupPlan | None:
+        """The merged tables for one launch, or ``None`` when the shadows cannot share one."""
+        if not 1 < len(every_runs) <= MAX_MEMBERS or any(len(runs) != 1 for runs in every_runs):
+            return None
+        plans = [runs[0][0] for runs in every_runs]
+        backend = every_runs[0][0][1]
+        if any(runs[0][1] is not backend for runs in every_runs) or not getattr(backend, "can_update_group", bool)():
+            return None
+        if any(plan.device != plans[0].device or step.n_averaged.device != plan.device
+               for plan, step in zip(plans, steps)) or sum(len(plan.flats) for plan in plans) > MAX_FLATS:
+            return None
+        if self._group is None or any(a is not b for a, b in zip(self._group.plans, plans)):
+            self._group = GroupPlan(plans)
+        return self._group
+
     # ------------------------------------------------------------------ the slow path
     def _refresh(self, model: nn.Module) -> None:
         """The model object or a tensor changed: walk the model again, check it against every
@@ -189,6 +252,7 @@ class Engine:
         key = _fingerprint(models + [t for shadows in every_shadow for t in shadows])
         if key != self._key or self._runs is None:
             self._runs = [self._build(shadow, models) for shadow in self.shadows]
+            self._group = None
             key = _fingerprint(models + [t for shadow in self.shadows for t in shadow.tensors()])
         self._model_ref, self._key = weakref.ref(model), key
         watched = model_slots.slots + model_slots.aliases + [slot for shadow in self.shadows for slot in shadow.slots.slots]

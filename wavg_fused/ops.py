@@ -14,7 +14,7 @@ import torch
 from ._extension import load as _load_extension
 from .plan import COLUMNS
 
-__all__ = ["update_", "update_emulated_"]
+__all__ = ["update_", "update_emulated_", "update_group_", "update_group_emulated_"]
 
 _C = _load_extension()  # registers torch.ops.wavg_fused.*; may compile it, once per torch and machine
 
@@ -77,6 +77,53 @@ def update_emulated_(
     )
 
 
+def update_group_(
+    flats: Sequence[torch.Tensor],
+    table: torch.Tensor,
+    blocks: torch.Tensor,
+    counters: Sequence[torch.Tensor],
+    workspace: torch.Tensor,
+    methods: Sequence[int],
+    params: Sequence[float],
+    flags: Sequence[int],
+    rounding_seeds: Sequence[int],
+) -> None:
+    """Update several averages of one model in one pass, reading each model tensor once
+    (``wavg_fused.group_plan`` builds the tables: one row per model tensor and member).
+    Per member ``k``: ``counters[k]`` is its ``n_averaged``, ``params[4k:4k+4]`` its method's
+    parameters, ``flags[k]`` 1 to bump the counter and 2 to write the member in this update.
+
+    >>> import torch, wavg_fused as wf
+    >>> model = torch.nn.Linear(3, 2)
+    >>> group = wf.AveragerGroup(model, {"fast": wf.EMA(0.9), "slow": wf.EMA(0.99)}, backend="cpu")
+    >>> group.update(model)  # calls update_group_ once
+    >>> int(group["fast"].n_averaged), int(group["slow"].n_averaged)
+    (1, 1)
+    """
+    torch.ops.wavg_fused.update_group_.default(
+        list(flats), table, blocks, list(counters), workspace, list(methods), list(params), list(flags),
+        list(rounding_seeds),
+    )
+
+
+def update_group_emulated_(
+    flats: Sequence[torch.Tensor],
+    table: torch.Tensor,
+    blocks: torch.Tensor,
+    counters: Sequence[torch.Tensor],
+    workspace: torch.Tensor,
+    methods: Sequence[int],
+    params: Sequence[float],
+    flags: Sequence[int],
+    rounding_seeds: Sequence[int],
+) -> None:
+    """``update_group_`` run by the CUDA kernels' code on the CPU (the ``cuda-emulated`` backend)."""
+    torch.ops.wavg_fused.update_group_emulated_.default(
+        list(flats), table, blocks, list(counters), workspace, list(methods), list(params), list(flags),
+        list(rounding_seeds),
+    )
+
+
 def _update_fake(
     flats, table, blocks, n_averaged, workspace, method, params, bump, rounding_seed, action=0, guard=False, n_skipped=None
 ) -> None:
@@ -95,3 +142,18 @@ def _update_fake(
 torch.library.register_fake("wavg_fused::update_")(_update_fake)
 if hasattr(torch.ops.wavg_fused, "update_emulated_"):  # an extension built before it lacks the op
     torch.library.register_fake("wavg_fused::update_emulated_")(_update_fake)
+
+
+def _update_group_fake(flats, table, blocks, counters, workspace, methods, params, flags, rounding_seeds) -> None:
+    members = len(methods)
+    torch._check(1 <= members <= 8, lambda: "1 to 8 members")
+    torch._check(len(counters) == members and len(flags) == members and len(rounding_seeds) == members
+                 and len(params) == 4 * members, lambda: "one counter, flag and seed and 4 params per member")
+    torch._check(table.dim() == 2 and table.shape[1] == len(COLUMNS), lambda: "table must be [T * members, len(COLUMNS)]")
+    torch._check(blocks.dim() == 2 and blocks.shape[1] == 2, lambda: "blocks must be [B, 2]")
+    return None
+
+
+for _name in ("update_group_", "update_group_emulated_"):
+    if hasattr(torch.ops.wavg_fused, _name):  # an extension built before the group ops lacks them
+        torch.library.register_fake(f"wavg_fused::{_name}")(_update_group_fake)

@@ -127,7 +127,7 @@ class SwapMethods:
         """
         model = self._checked_model(model, "copy_to")
         self._check_averaged("copy_to")
-        swap.copy_into_model(self._engine.runs(model))
+        swap.copy_into_model(self._engine.runs(model, self._member))
 
     @property
     def is_swapped(self) -> bool:
@@ -168,7 +168,7 @@ class SwapMethods:
             swapped.take_out(model, self._engine.moved)
             return
         self._check_averaged("swap")
-        self._set_swapped(SwappedIn(self._engine.runs(self._checked_model(model, "swap")), model))
+        self._set_swapped(SwappedIn(self._engine.runs(self._checked_model(model, "swap"), self._member), model))
 
     def _set_swapped(self, swapped: SwappedIn | None) -> None:
         self.__dict__["_swapped"] = swapped

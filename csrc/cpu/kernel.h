@@ -197,13 +197,28 @@ bool row_nonfinite(const int64_t* row, int64_t begin, int64_t end) {
   }
 }
 
+// fn(first row of tensor t, lo, hi) for each piece [lo, hi) of a tensor inside [begin, end).
 template <typename Fn>
 void for_each_piece(const PlanView& plan, int64_t begin, int64_t end, Fn&& fn) {
   int64_t t = std::upper_bound(plan.first, plan.first + plan.num_tensors + 1, begin) - plan.first - 1;
   for (; t < plan.num_tensors && plan.first[t] < end; ++t) {
     const int64_t lo = std::max(begin, plan.first[t]) - plan.first[t];
     const int64_t hi = std::min(end, plan.first[t + 1]) - plan.first[t];
-    if (hi > lo) fn(plan.rows + t * kNumColumns, lo, hi);
+    if (hi > lo) fn(plan.rows + t * plan.members * kNumColumns, lo, hi);
+  }
+}
+
+// A group's members take each tile of a model tensor in turn, so the tile is read from memory
+// once and from cache by the others (an fp32 tile and one member's shadow of it fit in L1).
+constexpr int64_t kMemberTileElems = 2048;
+
+void process_members(const PlanView& plan, const int64_t* rows, int64_t lo, int64_t hi) {
+  for (int64_t tile = lo; tile < hi; tile += kMemberTileElems) {
+    const int64_t tile_end = std::min(hi, tile + kMemberTileElems);
+    for (int64_t k = 0; k < plan.members; ++k) {
+      const int64_t* row = rows + k * kNumColumns;
+      if (plan.active[k] && row[kNumel] != 0) process(row, plan.flat_bases, tile, tile_end, plan.steps[k], plan.mode);
+    }
   }
 }
 
@@ -218,6 +233,12 @@ bool any_nonfinite(const PlanView& plan, int64_t begin, int64_t end) {
 }
 
 void process_elements(const PlanView& plan, int64_t begin, int64_t end) {
+  if (plan.members > 1) {
+    for_each_piece(plan, begin, end, [&](const int64_t* rows, int64_t lo, int64_t hi) {
+      process_members(plan, rows, lo, hi);
+    });
+    return;
+  }
   for_each_piece(plan, begin, end, [&](const int64_t* row, int64_t lo, int64_t hi) {
     process(row, plan.flat_bases, lo, hi, plan.weights, plan.mode);
   });

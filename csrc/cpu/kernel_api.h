@@ -9,7 +9,10 @@
 namespace wavg_fused::cpu {
 
 // One update's view of the plan: tensor table rows, the first element of each tensor in the
-// whole plan (num_tensors + 1 entries), and the storage buffers' base addresses.
+// whole plan (num_tensors + 1 entries), and the storage buffers' base addresses. A group's table
+// holds `members` rows per model tensor (row t * members + k: member k's shadow of tensor t, no
+// elements where member k does not keep it), each with its own step; `active` says which members
+// this update writes. A single average is a group of one (`steps`, `active` then unused).
 struct PlanView {
   const int64_t* rows;
   const int64_t* first;
@@ -17,6 +20,9 @@ struct PlanView {
   char* const* flat_bases;
   Step weights;
   int64_t mode;  // wavg_rule.h Mode
+  int64_t members = 1;
+  const Step* steps = nullptr;
+  const bool* active = nullptr;
 };
 
 // Update elements [begin, end) of the whole plan (they may span several tensors).

@@ -87,22 +87,27 @@ struct BlockWork {
   bool average;        // role kAverage (else the model is copied)
 };
 
-// `flats` may be null for a pass that never touches the shadow (kModeCheck): `shadow` is null then.
-WAVG_BLOCK_FN BlockWork decode_block(const int64_t* table, const int64_t* blocks, int64_t block,
-                                     const FlatBases* flats) {
-  const int64_t* row = table + blocks[2 * block] * kNumColumns;
+// Elements [begin, begin + kBlockElems) of the tensor in `row`, clipped to its end. `flats` may be
+// null for a pass that never touches the shadow (kModeCheck), and a row may be empty (a group
+// member without this tensor): `shadow` is null then.
+WAVG_BLOCK_FN BlockWork decode_row(const int64_t* row, int64_t begin, const FlatBases* flats) {
   BlockWork w;
-  w.begin = blocks[2 * block + 1];
-  w.end = min64(w.begin + kBlockElems, row[kNumel]);
+  w.begin = begin;
+  w.end = row[kNumel] == 0 ? begin : min64(begin + kBlockElems, row[kNumel]);
   w.first = row[kShadowOffset];
   w.itemsize = row[kItemsize];
-  w.shadow = flats != nullptr ? flats->ptr[row[kFlat]] + w.first * w.itemsize : nullptr;
+  w.shadow = flats != nullptr && row[kNumel] != 0 ? flats->ptr[row[kFlat]] + w.first * w.itemsize : nullptr;
   w.model = reinterpret_cast<char*>(row[kModelPtr]);
   w.model_code = row[kModelDtype];
   w.shadow_code = row[kShadowDtype];
   w.aligned = (row[kFlags] & kFlagAligned) != 0;
   w.average = row[kRole] == kAverage;
   return w;
+}
+
+WAVG_BLOCK_FN BlockWork decode_block(const int64_t* table, const int64_t* blocks, int64_t block,
+                                     const FlatBases* flats) {
+  return decode_row(table + blocks[2 * block] * kNumColumns, blocks[2 * block + 1], flats);
 }
 
 WAVG_BLOCK_FN bool is_floating(int64_t code) { return code <= kBFloat16; }
@@ -408,6 +413,49 @@ WAVG_BLOCK_FN void finish_update_block(const UpdateArgs& a, const BlockStart& st
     *a.nonfinite = 0;
   } else if (a.bump) {
     *a.n_averaged = start.step.n_averaged + 1;
+  }
+  *a.blocks_done = 0;
+}
+
+// ---- a group: several averages of one model in one launch ---------------------------------
+// The table has `members` rows per model tensor (row t * members + k: member k's shadow of tensor
+// t, no elements where member k does not keep it); the block table addresses tensors. A block
+// runs its range once per member, so the model's bytes come from memory for the first member and
+// from cache for the others.
+constexpr int kMaxMembers = 8;  // group_args.h kMaxGroupMembers
+
+struct GroupArgs {
+  int64_t* counters[kMaxMembers];  // each member's n_averaged (or a spare zero, tracking)
+  unsigned int* blocks_done;       // workspace[kBlocksDoneSlot]
+  int64_t methods[kMaxMembers];
+  MethodParams params[kMaxMembers];
+  int64_t rounding_seeds[kMaxMembers];
+  unsigned bump_mask;    // bit k: bump member k's counter
+  unsigned active_mask;  // bit k: write member k's shadow in this launch
+  int members;
+};
+
+WAVG_BLOCK_FN BlockWork decode_member_block(const int64_t* table, const int64_t* blocks, int64_t block, int members,
+                                            int member, const FlatBases* flats) {
+  return decode_row(table + (blocks[2 * block] * members + member) * kNumColumns, blocks[2 * block + 1], flats);
+}
+
+// Member k's step for this launch, read (like start_update_block) before the block counts itself done.
+WAVG_BLOCK_FN Step member_step(const GroupArgs& a, int member) {
+  return Step::make(a.methods[member], a.params[member], *a.counters[member], a.rounding_seeds[member]);
+}
+
+WAVG_BLOCK_FN bool member_writes(const GroupArgs& a, int member, const BlockWork& work) {
+  return ((a.active_mask >> member) & 1u) != 0 && work.end > work.begin;
+}
+
+// The last block to finish bumps the members' counters (from the values every block read) and
+// resets the count for the next launch.
+WAVG_BLOCK_FN void finish_group_block(const GroupArgs& a, const Step* steps, unsigned int done_before,
+                                      unsigned int num_blocks) {
+  if (done_before != num_blocks - 1) return;
+  for (int k = 0; k < a.members; ++k) {
+    if (((a.bump_mask & a.active_mask) >> k) & 1u) *a.counters[k] = steps[k].n_averaged + 1;
   }
   *a.blocks_done = 0;
 }

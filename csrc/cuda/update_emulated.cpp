@@ -13,12 +13,14 @@
 #include <ATen/core/Tensor.h>
 #include <torch/library.h>
 
+#include <algorithm>
 #include <cstdint>
 #include <optional>
 
 #include "../method_params.h"
 #include "../plan_rows.h"
 #include "../wavg_rule.h"
+#include "group_launch.h"
 #include "update_args.h"
 #include "update_blocks.h"
 
@@ -102,7 +104,55 @@ void update_emulated(at::TensorList flats, const at::Tensor& table, const at::Te
   });
 }
 
+
+// update_group_kernel (update_group_cuda.cu) on the CPU: per block, every member's row and step,
+// then each member's range in turn, lanes one after another.
+void update_group_emulated(at::TensorList flats, const at::Tensor& table, const at::Tensor& block_table,
+                           at::TensorList counters, const at::Tensor& workspace, at::IntArrayRef methods,
+                           at::ArrayRef<double> params, at::IntArrayRef flags, at::IntArrayRef rounding_seeds) {
+  const char* op = "wavg_fused.update_group_emulated_";
+  const GroupLaunch launch = group_launch(c10::DeviceType::CPU, op, flats, table, block_table, counters, workspace,
+                                          methods, params, flags, rounding_seeds);
+  const GroupArgs& args = launch.args;
+  const int64_t* rows = table.data_ptr<int64_t>();
+  const int64_t* pairs = block_table.data_ptr<int64_t>();
+  const int64_t num_tensors = table.size(0) / args.members;
+  for (int64_t b = 0; b < block_table.size(0); ++b) {
+    int64_t numel = 0;
+    if (pairs[2 * b] >= 0 && pairs[2 * b] < num_tensors) {
+      for (int k = 0; k < args.members; ++k) {
+        numel = std::max(numel, rows[(pairs[2 * b] * args.members + k) * kNumColumns + kNumel]);
+      }
+    }
+    TORCH_CHECK(pairs[2 * b + 1] >= 0 && pairs[2 * b + 1] < numel, op, ": block ", b, " names no element of the table");
+  }
+  check_rows_in_buffers(flats, table, op);
+  const int64_t num_blocks = block_table.size(0);
+  if (num_blocks == 0) {
+    finish_empty_group(counters, args);
+    return;
+  }
+  for_each_block(num_blocks, [&](int64_t block) {
+    BlockWork work[kMaxMembers];
+    Step steps[kMaxMembers];
+    for (int k = 0; k < args.members; ++k) {
+      work[k] = decode_member_block(rows, pairs, block, args.members, k, &launch.flats);
+      steps[k] = member_step(args, k);
+    }
+    for (int k = 0; k < args.members; ++k) {
+      if (!member_writes(args, k, work[k])) continue;
+      for (unsigned lane = 0; lane < kLanes; ++lane) update_lane(work[k], steps[k], Lane{lane, kLanes});
+    }
+    if (args.bump_mask != 0) {
+      const unsigned int done_before = __atomic_fetch_add(args.blocks_done, 1u, __ATOMIC_ACQ_REL);
+      finish_group_block(args, steps, done_before, static_cast<unsigned int>(num_blocks));
+    }
+  });
+}
 }  // namespace
 }  // namespace wavg_fused::blocks
 
-TORCH_LIBRARY_IMPL(wavg_fused, CPU, m) { m.impl("update_emulated_", &wavg_fused::blocks::update_emulated); }
+TORCH_LIBRARY_IMPL(wavg_fused, CPU, m) {
+  m.impl("update_emulated_", &wavg_fused::blocks::update_emulated);
+  m.impl("update_group_emulated_", &wavg_fused::blocks::update_group_emulated);
+}

@@ -14,6 +14,7 @@ from collections.abc import Callable
 import torch
 
 from .. import ops  # ImportError without the compiled extension: the registry reports it
+from ..group_plan import GroupPlan
 from ..methods import Method
 from ..plan import MODE_AVERAGE, MODE_CHECK, Plan
 
@@ -23,7 +24,9 @@ class _FusedBackend:
     device_type: str
     block_elems: int
     op_name = "wavg_fused::update_"
+    group_op_name = "wavg_fused::update_group_"
     _launch: Callable[..., None] = staticmethod(ops.update_)
+    _launch_group: Callable[..., None] = staticmethod(ops.update_group_)
 
     def unavailable_reason(self, device: torch.device) -> str | None:
         if device.type != self.device_type:
@@ -54,6 +57,21 @@ class _FusedBackend:
             guard,
             n_skipped,
         )
+
+    def can_update_group(self) -> bool:
+        """Whether the extension has this backend's group op (one built before it does not)."""
+        try:
+            return torch._C._dispatch_has_kernel_for_dispatch_key(self.group_op_name, self.device_type.upper())
+        except RuntimeError:  # no such op
+            return False
+
+    def update_group(self, group: GroupPlan, methods: list[Method], counters: list[torch.Tensor], flags: list[int],
+                     rounding_seeds: list[int]) -> None:
+        """Every member of ``group`` in one launch (the members' plans staged by the caller);
+        ``flags`` as ``ops.update_group_``."""
+        params = [p for method in methods for p in (list(method.params) + [0.0] * 4)[:4]]
+        self._launch_group(group.flats, group.table, group.block_table(self.block_elems), counters, group.workspace,
+                           [method.code for method in methods], params, flags, rounding_seeds)
 
     def check_nonfinite(self, plan: Plan) -> None:
         plan.stage()
@@ -94,4 +112,6 @@ class CudaEmulatedBackend(_FusedBackend):
     device_type = "cpu"
     block_elems = CudaBackend.block_elems
     op_name = "wavg_fused::update_emulated_"
+    group_op_name = "wavg_fused::update_group_emulated_"
     _launch = staticmethod(ops.update_emulated_)
+    _launch_group = staticmethod(ops.update_group_emulated_)
