@@ -95,7 +95,7 @@ def test_a_synthesised_profile_comes_close_to_one_tracked_directly(tmp_path, eve
     """400 steps of a random walk with drift; a sigma_rel between the two tracked ones against a
     PowerEMA tracked alongside. The error is ||synthesised - direct|| over ||profile 0 - profile 1||
     (the scale on which the profiles differ); the bounds are about 3-5x the largest measured over
-    three seeds (README numbers: docs in the module)."""
+    three seeds."""
     model = torch.nn.Linear(8, 4)
     ema = make(tmp_path, model, checkpoint_every_num_steps=every, checkpoint_dtype=checkpoint_dtype)
     direct = wf.Averager(model, wf.PowerEMA(sigma_rel=sigma_rel), backend="cpu", use_buffers=True)
@@ -215,6 +215,16 @@ def test_snapshots_are_named_as_ema_pytorch_names_them(tmp_path):
     assert posthoc_snapshots.read_tensors(snapshot)["weight"].dtype == torch.float16
 
 
+def test_the_profile_time_counts_averaging_updates(tmp_path):
+    """With update_every=2 a snapshot at step 10 holds 5 updates: its profile's time is 5."""
+    model = torch.nn.Linear(8, 4)
+    ema = make(tmp_path, model, update_every=2)
+    drive(model, [ema], trajectory(20))
+    assert [(s.step, s.t) for s in posthoc_snapshots.list_snapshots(tmp_path)][::2] == [(10, 5), (20, 10)]
+    weight = ema.ema_models[0].module.weight.clone()
+    torch.testing.assert_close(ema.synthesize_ema_state_dict(gamma=ema.gammas[0])["weight"], weight, rtol=FP32_ULP, atol=0)
+
+
 def test_a_folder_of_other_profiles_is_refused(tmp_path):
     model = torch.nn.Linear(8, 4)
     drive(model, [make(tmp_path, model)], trajectory(10))
@@ -256,3 +266,14 @@ def test_loading_the_state_dict_continues_the_series(tmp_path):
         warnings.simplefilter("error")
         drive(model, [resumed], states[30:])
     assert_same_snapshots(tmp_path / "resumed", tmp_path / "whole")
+
+
+def test_integer_buffers_come_from_the_latest_snapshot(tmp_path):
+    model = torch.nn.Sequential(torch.nn.Linear(3, 2), torch.nn.BatchNorm1d(2))
+    ema = make(tmp_path, model)
+    for _ in range(20):
+        model(torch.randn(4, 3))  # bumps num_batches_tracked, moves the running statistics
+        ema.update()
+    synthesized = ema.synthesize_ema_model(sigma_rel=0.1, step=15)
+    assert synthesized[1].num_batches_tracked.dtype == torch.long and int(synthesized[1].num_batches_tracked) == 10
+    assert synthesized[1].running_mean.dtype == torch.float32
