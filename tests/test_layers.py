@@ -9,7 +9,7 @@ import pytest
 PACKAGE = Path(__file__).resolve().parent.parent / "wavg_fused"
 # the averaging path, bottom to top; none of them may import the facades
 ENGINE_PATH = ["storage", "sharded", "slots", "watch", "plan", "shadow", "guard", "engine"]
-FACADES = {"averager", "swa_utils", "blog", "optim", "checkpoint", "swap_state", "integrations"}
+FACADES = {"averager", "swa_utils", "blog", "optim", "checkpoint", "swap_state", "integrations", "posthoc"}
 
 
 def _module_name(path: Path) -> str:
@@ -67,3 +67,13 @@ def test_the_graph_sees_function_level_imports():
     """The checker itself: storage.pack_module once imported sharded inside the function."""
     assert "storage" in _imports(PACKAGE / "sharded.py")
     assert "engine" in _imports(PACKAGE / "averager.py")
+
+
+def test_post_hoc_ema_sits_on_top():
+    """Only the package imports posthoc; its math and files are its own, and import no facade."""
+    graph = _graph()
+    importers = {module for module, targets in graph.items() if "posthoc" in targets}
+    assert importers <= {""}, f"{sorted(importers)} import posthoc"
+    for helper in ("posthoc_math", "posthoc_snapshots"):
+        assert {m for m, targets in graph.items() if helper in targets} <= {"posthoc"}
+        assert not {name.split(".")[0] for name in graph[helper]} & FACADES

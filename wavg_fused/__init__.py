@@ -33,6 +33,7 @@ from .blog import (
     get_t_adema_fn,
 )
 from .methods import EMA, SWA, TADEMA, EMAWarmup, Method, PowerEMA, sigma_rel_to_gamma
+from .posthoc import PostHocEMA
 from .swa_utils import AveragedModel, get_ema_multi_avg_fn, get_swa_multi_avg_fn
 from .unwrap import de_parallel
 
@@ -49,6 +50,7 @@ __all__ = [
     "EMAWarmup",
     "PowerEMA",
     "sigma_rel_to_gamma",
+    "PostHocEMA",
     "available_backends",
     "backend_report",
     "SlowPathWarning",
