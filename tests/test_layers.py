@@ -9,7 +9,7 @@ import pytest
 PACKAGE = Path(__file__).resolve().parent.parent / "wavg_fused"
 # the averaging path, bottom to top; none of them may import the facades
 ENGINE_PATH = ["storage", "sharded", "slots", "watch", "plan", "shadow", "guard", "engine"]
-FACADES = {"averager", "swa_utils", "blog", "optim", "checkpoint", "swap_state", "integrations", "posthoc"}
+FACADES = {"averager", "group", "swa_utils", "blog", "optim", "checkpoint", "swap_state", "integrations", "posthoc"}
 
 
 def _module_name(path: Path) -> str:

@@ -3,7 +3,9 @@
 Two or more power-function EMAs of the model (``wavg_fused.PowerEMA``, the *profiles*) are
 updated every step; every ``checkpoint_every_num_steps`` updates each one is saved as a snapshot
 (``wavg_fused.posthoc_snapshots``). After training, an EMA of any other width is synthesised as
-the least-squares combination of the snapshots (``wavg_fused.posthoc_math``).
+the least-squares combination of the snapshots (``wavg_fused.posthoc_math``). The profiles are
+one ``AveragerGroup`` (``self.profiles``; members ``p0``, ``p1``, ...), so an update reads the
+model once for all of them (at most 8 profiles).
 
 Differences from ema-pytorch 0.8.3's ``PostHocEMA``, and decisions of this one:
 
@@ -47,50 +49,14 @@ from torch import nn
 
 from . import posthoc_snapshots as snapshots
 from .averager import Averager
+from .group import AveragerGroup
 from .checkpoint import EXTRA_STATE
 from .method_state import encode_method
-from .methods import Method, PowerEMA
+from .methods import PowerEMA
 from .posthoc_math import solve_weights
 from .shadow import excluded
 
 __all__ = ["PostHocEMA"]
-
-
-class _Profiles(nn.Module):
-    """One ``Averager`` per method, updated one after another."""
-
-    def __init__(self, model: nn.Module, methods: Mapping[str, Method], **options: Any) -> None:
-        super().__init__()
-        self.averagers = nn.ModuleDict({name: Averager(model, method, **options) for name, method in methods.items()})
-
-    @property
-    def names(self) -> list[str]:
-        return list(self.averagers)
-
-    def __getitem__(self, name: str) -> Averager:
-        return self.averagers[name]
-
-    def update(self, model: nn.Module) -> None:
-        for averager in self.averagers.values():
-            averager.update(model)
-
-    def state_dict(self) -> dict[str, Any]:  # type: ignore[override]
-        return {f"{name}.{key}": value for name, averager in self.averagers.items()
-                for key, value in averager.state_dict().items()}
-
-    def load_state_dict(self, state_dict: Mapping[str, Any], strict: bool = True) -> None:  # type: ignore[override]
-        unknown = sorted({key.split(".", 1)[0] for key in state_dict} - set(self.averagers))
-        if unknown:
-            raise RuntimeError(f"Error loading state_dict: no profiles named {unknown}; nothing was loaded")
-        for name, averager in self.averagers.items():
-            own = {key[len(name) + 1:]: value for key, value in state_dict.items() if key.startswith(name + ".")}
-            averager.load_state_dict(own, strict=strict)
-
-
-def _profiles(model: nn.Module, methods: Mapping[str, Method], **options: Any) -> _Profiles:
-    # The seam: when wavg_fused.group lands, this line becomes
-    # `return AveragerGroup(model, methods, **options)` (all profiles in one fused pass).
-    return _Profiles(model, methods, **options)
 
 
 def _sigma_rel(gamma: float) -> float:
@@ -212,8 +178,8 @@ class PostHocEMA(nn.Module):
         self.exclude = tuple(param_or_buffer_names_no_ema)
         self.allow_different_devices, self.move_ema_to_online_device = allow_different_devices, move_ema_to_online_device
         self.__dict__["_model"] = model  # held, not a submodule: not in .parameters() or the state dict
-        methods = {str(i): PowerEMA(gamma=g) for i, g in enumerate(self.gammas)}
-        self.profiles = _profiles(model, methods, use_buffers=self.use_buffers, device=device, dtype=dtype,
+        methods = {f"p{i}": PowerEMA(gamma=g) for i, g in enumerate(self.gammas)}
+        self.profiles = AveragerGroup(model, methods, use_buffers=self.use_buffers, device=device, dtype=dtype,
                                   backend=backend, exclude=self.exclude, update_every=update_every)
         self.checkpoint_folder = Path(checkpoint_folder)
         self.checkpoint_folder.mkdir(parents=True, exist_ok=True)
@@ -237,7 +203,7 @@ class PostHocEMA(nn.Module):
     @property
     def ema_models(self) -> list[Averager]:
         """The profiles, one ``wavg_fused.Averager`` each (``.module`` is its averaged copy)."""
-        return [self.profiles[name] for name in self.profiles.names]
+        return [self.profiles[name] for name in self.profiles.names()]
 
     @property
     def device(self) -> torch.device:
