@@ -25,16 +25,17 @@ effect (the fused kernel reads any device and dtype; ema-pytorch raises without 
 complex tensors are copied, not averaged; only ``nn.Module`` models (no pytrees:
 use ``ema_pytorch.EMAPytree``). Writing ``step`` costs one tiny device write per call.
 
->>> import torch
->>> from wavg_fused.integrations.ema_pytorch import EMA
->>> model = torch.nn.Linear(4, 2)
->>> ema = EMA(model, beta=0.9, update_after_step=0, update_every=1)
->>> for _ in range(3):
-...     ema.update()
->>> int(ema.step), bool(ema.initted), round(ema.get_current_decay(), 4)
-(3, True, 0.5193)
->>> list(ema.state_dict())[:3]
-['initted', 'step', 'online_model.weight']
+Examples:
+    >>> import torch
+    >>> from wavg_fused.integrations.ema_pytorch import EMA
+    >>> model = torch.nn.Linear(4, 2)
+    >>> ema = EMA(model, beta=0.9, update_after_step=0, update_every=1)
+    >>> for _ in range(3):
+    ...     ema.update()
+    >>> int(ema.step), bool(ema.initted), round(ema.get_current_decay(), 4)
+    (3, True, 0.5193)
+    >>> list(ema.state_dict())[:3]
+    ['initted', 'step', 'online_model.weight']
 """
 
 from __future__ import annotations

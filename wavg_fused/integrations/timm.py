@@ -25,15 +25,16 @@ into them (``num_batches_tracked`` stalls), and blends with a lerp (an ulp apart
 
 timm is not needed to use these classes; ``import wavg_fused`` never imports this module.
 
->>> import torch
->>> from wavg_fused.integrations.timm import ModelEmaV3
->>> model = torch.nn.Linear(4, 2)
->>> ema = ModelEmaV3(model, decay=0.9, use_warmup=True)
->>> ema.get_decay(1), round(ema.get_decay(4), 4)
-(0.0, 0.6031)
->>> ema.update(model, step=1)
->>> list(ema.state_dict())
-['module.weight', 'module.bias']
+Examples:
+    >>> import torch
+    >>> from wavg_fused.integrations.timm import ModelEmaV3
+    >>> model = torch.nn.Linear(4, 2)
+    >>> ema = ModelEmaV3(model, decay=0.9, use_warmup=True)
+    >>> ema.get_decay(1), round(ema.get_decay(4), 4)
+    (0.0, 0.6031)
+    >>> ema.update(model, step=1)
+    >>> list(ema.state_dict())
+    ['module.weight', 'module.bias']
 """
 
 from __future__ import annotations
