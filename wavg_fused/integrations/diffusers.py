@@ -19,7 +19,7 @@ counter started at 1, ``n = s`` (the warm-up form); the other form is
 ``1 - (1 + (s + 1) / 9) ** -1``, ``EMAWarmup(inv_gamma=9, power=1)`` one count later, so its
 counter starts at 2. A ``min_decay`` at or above ``decay`` leaves the constant ``min_decay``.
 
-Differences from diffusers (0.42.1), all in the README:
+Differences from diffusers (0.42.1), summed up in docs/migrating.md:
 
 - The update is ``s + w (p - s)`` computed in float32 (float64 for float64) and rounded once,
   where diffusers rounds three times (``s - p``, times ``1 - decay``, the subtraction), so

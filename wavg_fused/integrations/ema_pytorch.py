@@ -16,7 +16,7 @@ schedule is decided on the host from a mirror of ``step`` (ema-pytorch reads ``s
 ``initted`` from the device on every call); the decay is computed in float32 as ema-pytorch
 computes it, so values equal its own bit for bit on the ``cpu`` and ``torch`` backends.
 
-Where it differs from ema-pytorch (README, "Coming from ema-pytorch"): integer buffers
+Where it differs from ema-pytorch (docs/migrating.md): integer buffers
 (BatchNorm's ``num_batches_tracked``) follow the model, where ema-pytorch never writes them after
 the deepcopy (``copy_params_from_ema_to_model`` leaves the model's own, as ema-pytorch does, at
 two small copies each); a tensor in ``ignore_names`` costs two small copies per update (it is
