@@ -1,6 +1,6 @@
 """Build script. The compiled kernels in ``csrc/`` are optional: without them the package runs on its
 pure-PyTorch backend, and builds them on first use (``wavg_fused.build``). Switches (environment
-variables, see README.md):
+variables, see docs/backends.md):
 
 * ``WAVG_FUSED_BUILD_EXT=0``: Python only, build no extension.
 * ``WAVG_FUSED_BUILD_CUDA=0/1``: force the CUDA kernels off/on (default: on when torch is a CUDA

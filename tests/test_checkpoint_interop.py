@@ -219,7 +219,7 @@ def test_safetensors_writes_the_tensors_not_the_flat_buffer(tmp_path):
 def test_torch_save_sizes_of_full_and_partial_state_dicts():
     """torch.save writes whole storages. The full state dict costs what the plain model's does
     (plus <= 15 bytes of padding per tensor); one tensor alone drags its whole flat buffer along
-    unless cloned (documented in the README's Limits)."""
+    unless cloned (documented in docs/checkpoints.md and docs/semantics.md)."""
     model = _bn_mlp()
     avg = wf.AveragedModel(model)
     avg.update_parameters(model)

@@ -14,8 +14,9 @@ pure-PyTorch path runs.
 The cache is ``$WAVG_FUSED_CACHE``, else ``$XDG_CACHE_HOME/wavg_fused``, else
 ``~/.cache/wavg_fused``; one directory per build key (``build_key``).
 
->>> state() in ("prebuilt", "cached", "built", "not loaded", "failed")
-True
+Examples:
+    >>> state() in ("prebuilt", "cached", "built", "not loaded", "failed")
+    True
 """
 
 from __future__ import annotations
@@ -146,9 +147,10 @@ def load() -> types.ModuleType:
     """``wavg_fused._C``: the one installed, cached, or built now (the module docstring's order).
     Raises ``ImportError`` naming the reason when none can be had, and warns once.
 
-    >>> import wavg_fused._extension as ext
-    >>> ext.load().__name__ if ext.state() in ("prebuilt", "cached", "built") else "wavg_fused._C"
-    'wavg_fused._C'
+    Examples:
+        >>> import wavg_fused._extension as ext
+        >>> ext.load().__name__ if ext.state() in ("prebuilt", "cached", "built") else "wavg_fused._C"
+        'wavg_fused._C'
     """
     if _failure is not None:
         raise ImportError(_failure)

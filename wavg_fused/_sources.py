@@ -3,7 +3,7 @@
 
 No torch import here: ``setup.py`` loads this file by path, in build environments that may have
 no torch (pip's build isolation), without importing the package. Paths are relative to the
-``csrc`` directory; the switches are the environment variables of the README's build table.
+``csrc`` directory; the switches are the environment variables of the build table in docs/backends.md.
 
 >>> CPU_SOURCES[0], CPU_SOURCES[-1]
 ('wavg_fused.cpp', 'cpu/kernel_avx512.cpp')

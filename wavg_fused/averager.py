@@ -75,14 +75,15 @@ class Averager(CheckpointMethods, SwapMethods, nn.Module):
     hyperparameters (``load_state_dict`` restores them; see ``wavg_fused.method_state``).
     ``wavg_fused.AveragedModel`` writes exactly torch's keys.
 
-    >>> import torch, wavg_fused as wf
-    >>> model = torch.nn.Linear(4, 2)
-    >>> avg = wf.Averager(model, wf.EMA(0.9))
-    >>> avg.update(model)   # the first update copies
-    >>> torch.equal(avg.module.weight, model.weight), int(avg.n_averaged)
-    (True, 1)
-    >>> avg(torch.ones(1, 4)).shape
-    torch.Size([1, 2])
+    Examples:
+        >>> import torch, wavg_fused as wf
+        >>> model = torch.nn.Linear(4, 2)
+        >>> avg = wf.Averager(model, wf.EMA(0.9))
+        >>> avg.update(model)   # the first update copies
+        >>> torch.equal(avg.module.weight, model.weight), int(avg.n_averaged)
+        (True, 1)
+        >>> avg(torch.ones(1, 4)).shape
+        torch.Size([1, 2])
     """
 
     n_averaged: torch.Tensor

@@ -111,11 +111,12 @@ class AveragingBaseModel(Averager):
     ``avg_fn`` from ``get_*_avg_fn`` runs fused; any other ``avg_fn(averaged, model, n)`` runs
     per tensor (slow path); ``None`` means SWA, as in ``torch.optim.swa_utils.AveragedModel``.
 
-    >>> import torch, wavg_fused as wf
-    >>> net = torch.nn.Linear(3, 3)
-    >>> ema = wf.EMAModel(net, decay=0.9)
-    >>> ema.update(net); int(ema.n_averaged)
-    1
+    Examples:
+        >>> import torch, wavg_fused as wf
+        >>> net = torch.nn.Linear(3, 3)
+        >>> ema = wf.EMAModel(net, decay=0.9)
+        >>> ema.update(net); int(ema.n_averaged)
+        1
     """
 
     def __init__(

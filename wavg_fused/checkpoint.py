@@ -46,11 +46,12 @@ def checked_state_dict(
     The optional entries (``_extra_state``, ``n_skipped``: absent from older checkpoints and from
     ``torch.optim.swa_utils.AveragedModel``'s) are filled in from ``own`` when missing.
 
-    >>> own = {"n_averaged": torch.tensor(3)}
-    >>> checked_state_dict("Averager", own, {"n_averaged": torch.tensor(1.5)}, strict=True)
-    Traceback (most recent call last):
-    ...
-    RuntimeError: Error loading state_dict for Averager: 'n_averaged' is torch.float32, expected an integer torch.int64; nothing was loaded
+    Examples:
+        >>> own = {"n_averaged": torch.tensor(3)}
+        >>> checked_state_dict("Averager", own, {"n_averaged": torch.tensor(1.5)}, strict=True)
+        Traceback (most recent call last):
+        ...
+        RuntimeError: Error loading state_dict for Averager: 'n_averaged' is torch.float32, expected an integer torch.int64; nothing was loaded
     """
     def fail(what: str) -> RuntimeError:
         return RuntimeError(f"Error loading state_dict for {owner}: {what}; nothing was loaded")

@@ -44,16 +44,17 @@ class AveragerState:
     the load atomic: DCP reads into a copy (one more shard-sized buffer per rank while loading),
     which ``Averager.load_state_dict`` validates and copies in only once everything was read.
 
-    >>> import tempfile, torch, torch.distributed.checkpoint as dcp, wavg_fused as wf
-    >>> from wavg_fused.distributed import AveragerState
-    >>> model = torch.nn.Linear(4, 2)
-    >>> avg = wf.Averager(model, wf.EMA(0.9)); avg.update(model)
-    >>> path = tempfile.mkdtemp()
-    >>> _ = dcp.save({"ema": AveragerState(avg)}, checkpoint_id=path)
-    >>> fresh = wf.Averager(torch.nn.Linear(4, 2), wf.SWA())
-    >>> dcp.load({"ema": AveragerState(fresh)}, checkpoint_id=path)
-    >>> torch.equal(fresh.module.weight, avg.module.weight), fresh.method, int(fresh.n_averaged)
-    (True, EMA(decay=0.9), 1)
+    Examples:
+        >>> import tempfile, torch, torch.distributed.checkpoint as dcp, wavg_fused as wf
+        >>> from wavg_fused.distributed import AveragerState
+        >>> model = torch.nn.Linear(4, 2)
+        >>> avg = wf.Averager(model, wf.EMA(0.9)); avg.update(model)
+        >>> path = tempfile.mkdtemp()
+        >>> _ = dcp.save({"ema": AveragerState(avg)}, checkpoint_id=path)
+        >>> fresh = wf.Averager(torch.nn.Linear(4, 2), wf.SWA())
+        >>> dcp.load({"ema": AveragerState(fresh)}, checkpoint_id=path)
+        >>> torch.equal(fresh.module.weight, avg.module.weight), fresh.method, int(fresh.n_averaged)
+        (True, EMA(decay=0.9), 1)
     """
 
     def __init__(self, averager: Averager, *, staged: bool = False) -> None:
@@ -93,13 +94,14 @@ def full_state_dict(averager: Averager, *, rank0_only: bool = True, cpu_offload:
     the result writes only its own bytes. The result loads into an ``Averager`` of the unsharded
     model (``load_state_dict``, strict) and ``load_full_state_dict`` puts it back into a sharded one.
 
-    >>> import torch, wavg_fused as wf
-    >>> from wavg_fused.distributed import full_state_dict
-    >>> model = torch.nn.Linear(4, 2)
-    >>> avg = wf.Averager(model, wf.SWA()); avg.update(model)
-    >>> full = full_state_dict(avg)
-    >>> sorted(full), torch.equal(full["module.weight"], model.weight)
-    (['_extra_state', 'module.bias', 'module.weight', 'n_averaged'], True)
+    Examples:
+        >>> import torch, wavg_fused as wf
+        >>> from wavg_fused.distributed import full_state_dict
+        >>> model = torch.nn.Linear(4, 2)
+        >>> avg = wf.Averager(model, wf.SWA()); avg.update(model)
+        >>> full = full_state_dict(avg)
+        >>> sorted(full), torch.equal(full["module.weight"], model.weight)
+        (['_extra_state', 'module.bias', 'module.weight', 'n_averaged'], True)
     """
     if not isinstance(averager, Averager):
         raise TypeError(f"averager must be a wavg_fused.Averager, got {type(averager).__name__}")
@@ -124,13 +126,14 @@ def load_full_state_dict(averager: Averager, state_dict: Mapping[str, Any]) -> N
     The same checks as ``Averager.load_state_dict`` (keys, global shapes, the method entry) run
     before anything is copied.
 
-    >>> import torch, wavg_fused as wf
-    >>> from wavg_fused.distributed import load_full_state_dict
-    >>> model = torch.nn.Linear(4, 2)
-    >>> avg = wf.Averager(model, wf.SWA()); avg.update(model)
-    >>> other = wf.Averager(torch.nn.Linear(4, 2), wf.SWA())
-    >>> load_full_state_dict(other, avg.state_dict()); torch.equal(other.module.weight, model.weight)
-    True
+    Examples:
+        >>> import torch, wavg_fused as wf
+        >>> from wavg_fused.distributed import load_full_state_dict
+        >>> model = torch.nn.Linear(4, 2)
+        >>> avg = wf.Averager(model, wf.SWA()); avg.update(model)
+        >>> other = wf.Averager(torch.nn.Linear(4, 2), wf.SWA())
+        >>> load_full_state_dict(other, avg.state_dict()); torch.equal(other.module.weight, model.weight)
+        True
     """
     if not isinstance(averager, Averager):
         raise TypeError(f"averager must be a wavg_fused.Averager, got {type(averager).__name__}")

@@ -49,9 +49,10 @@ def _check_unit_interval(value: float, arg: str, method: str) -> float:
 class EMA(Method):
     """Exponential moving average: ``w_n = 1 - decay`` for ``n >= 1``.
 
-    >>> import torch, wavg_fused as wf
-    >>> float(wf.EMA(0.9).step_weight(torch.tensor(3)))
-    0.09999999999999998
+    Examples:
+        >>> import torch, wavg_fused as wf
+        >>> float(wf.EMA(0.9).step_weight(torch.tensor(3)))
+        0.09999999999999998
     """
 
     decay: float = 0.999
@@ -74,9 +75,10 @@ class EMA(Method):
 class SWA(Method):
     """Stochastic weight averaging, the equal-weight running mean: ``w_n = 1 / (n + 1)``.
 
-    >>> import torch, wavg_fused as wf
-    >>> float(wf.SWA().step_weight(torch.tensor(3)))
-    0.25
+    Examples:
+        >>> import torch, wavg_fused as wf
+        >>> float(wf.SWA().step_weight(torch.tensor(3)))
+        0.25
     """
 
     code: ClassVar[int] = 1
@@ -93,9 +95,10 @@ class TADEMA(Method):
     The seed blog's closure bumps its counter once per *tensor*, so its decay saturates at
     ``alpha`` within the first update of any real model; this is the intended per-update rule.
 
-    >>> import torch, wavg_fused as wf
-    >>> round(float(wf.TADEMA(0.9).step_weight(torch.tensor(1))), 6)
-    0.314565
+    Examples:
+        >>> import torch, wavg_fused as wf
+        >>> round(float(wf.TADEMA(0.9).step_weight(torch.tensor(1))), 6)
+        0.314565
     """
 
     alpha: float = 0.9
@@ -127,10 +130,11 @@ class EMAWarmup(Method):
     ``inv_gamma=1, power=2/3`` reaches decay 0.999 near 31.6k updates and 0.9999 near 1M;
     ``power=3/4`` reaches them near 10k and 215k updates.
 
-    >>> import torch, wavg_fused as wf
-    >>> m = wf.EMAWarmup(decay=0.999, power=1.0)
-    >>> [round(float(m.step_weight(torch.tensor(n))), 4) for n in (0, 1, 3, 10**6)]
-    [1.0, 0.5, 0.25, 0.001]
+    Examples:
+        >>> import torch, wavg_fused as wf
+        >>> m = wf.EMAWarmup(decay=0.999, power=1.0)
+        >>> [round(float(m.step_weight(torch.tensor(n))), 4) for n in (0, 1, 3, 10**6)]
+        [1.0, 0.5, 0.25, 0.001]
     """
 
     decay: float = 0.9999
@@ -162,8 +166,9 @@ def sigma_rel_to_gamma(sigma_rel: float) -> float:
     """The power-EMA exponent ``gamma`` whose averaging profile has relative standard deviation
     ``sigma_rel`` (Karras et al. 2024, EDM2): solves ``sigma_rel**2 = (g + 1) / ((g + 2)**2 (g + 3))``.
 
-    >>> round(sigma_rel_to_gamma(0.10), 2), round(sigma_rel_to_gamma(0.05), 2)
-    (6.94, 16.97)
+    Examples:
+        >>> round(sigma_rel_to_gamma(0.10), 2), round(sigma_rel_to_gamma(0.05), 2)
+        (6.94, 16.97)
     """
     if isinstance(sigma_rel, bool) or not isinstance(sigma_rel, (int, float)) or not 0 < sigma_rel < 12 ** -0.5:
         raise ValueError(f"sigma_rel must be in (0, {12 ** -0.5:.4f}) (gamma > 0), got {sigma_rel!r}")
@@ -187,12 +192,13 @@ class PowerEMA(Method):
     an average whose length grows with training. Give ``gamma`` or ``sigma_rel`` (the EDM2
     paper's width, e.g. 0.05 or 0.10).
 
-    >>> import torch, wavg_fused as wf
-    >>> m = wf.PowerEMA(gamma=0.0)   # gamma 0 is the plain running mean (SWA)
-    >>> [float(m.step_weight(torch.tensor(n))) for n in (0, 1, 3)]
-    [1.0, 0.5, 0.25]
-    >>> round(wf.PowerEMA(sigma_rel=0.10).gamma, 2)
-    6.94
+    Examples:
+        >>> import torch, wavg_fused as wf
+        >>> m = wf.PowerEMA(gamma=0.0)   # gamma 0 is the plain running mean (SWA)
+        >>> [float(m.step_weight(torch.tensor(n))) for n in (0, 1, 3)]
+        [1.0, 0.5, 0.25]
+        >>> round(wf.PowerEMA(sigma_rel=0.10).gamma, 2)
+        6.94
     """
 
     gamma: float | None = None

@@ -64,14 +64,15 @@ class WeightAverage(torch.optim.Optimizer):
     from zeros, biasing early averages towards 0), and the averaged state is one flat buffer
     per (device, dtype) updated in one fused pass instead of a per-parameter loop.
 
-    >>> import torch, wavg_fused as wf
-    >>> model = torch.nn.Linear(4, 2)
-    >>> opt = wf.optim.WeightAverage(torch.optim.SGD(model.parameters(), lr=0.1), "swa", start=2, freq=1)
-    >>> for _ in range(5):
-    ...     opt.zero_grad(); model(torch.randn(8, 4)).square().mean().backward(); _ = opt.step()
-    >>> int(opt.n_averaged)   # steps 3, 4 and 5 were averaged
-    3
-    >>> opt.swap(); opt.swap()   # averaged weights in, then the trained ones back
+    Examples:
+        >>> import torch, wavg_fused as wf
+        >>> model = torch.nn.Linear(4, 2)
+        >>> opt = wf.optim.WeightAverage(torch.optim.SGD(model.parameters(), lr=0.1), "swa", start=2, freq=1)
+        >>> for _ in range(5):
+        ...     opt.zero_grad(); model(torch.randn(8, 4)).square().mean().backward(); _ = opt.step()
+        >>> int(opt.n_averaged)   # steps 3, 4 and 5 were averaged
+        3
+        >>> opt.swap(); opt.swap()   # averaged weights in, then the trained ones back
     """
 
     def __init__(

@@ -257,7 +257,7 @@ class Plan:
         this plan's memory (once per stream and per set of tensors: record_stream is consulted
         when memory is freed, so once covers every later launch), so memory of a plan dropped
         while a side stream's launch is still queued is not handed out again under it.
-        A captured CUDA graph is not a stream: README (CUDA graphs) gives its rule."""
+        A captured CUDA graph is not a stream: docs/compile-and-graphs.md (CUDA graphs) gives its rule."""
         if self.device.type != "cuda" or torch.compiler.is_compiling():
             return
         version = (len(self._tables), len(self.backend_cache))

@@ -42,20 +42,21 @@ Where it differs from torch (all deliberate):
 * Extra keyword-only arguments: ``backend``, ``dtype`` (e.g. an fp32 average of a bf16 model)
   and ``averaged_module`` (for models ``copy.deepcopy`` cannot copy), as in ``Averager``.
 
->>> import torch, wavg_fused as wf
->>> from torch.optim import swa_utils
->>> model = torch.nn.Linear(4, 2)
->>> ours = wf.AveragedModel(model, multi_avg_fn=wf.get_ema_multi_avg_fn(0.9))
->>> theirs = swa_utils.AveragedModel(model, multi_avg_fn=swa_utils.get_ema_multi_avg_fn(0.9))
->>> for _ in range(3):
-...     with torch.no_grad():
-...         _ = model.weight.mul_(1.5)
-...     ours.update_parameters(model)
-...     theirs.update_parameters(model)
->>> torch.equal(ours.module.weight, theirs.module.weight), int(ours.n_averaged)
-(True, 3)
->>> theirs.load_state_dict(ours.state_dict())   # the same keys: module.*, n_averaged
-<All keys matched successfully>
+Examples:
+    >>> import torch, wavg_fused as wf
+    >>> from torch.optim import swa_utils
+    >>> model = torch.nn.Linear(4, 2)
+    >>> ours = wf.AveragedModel(model, multi_avg_fn=wf.get_ema_multi_avg_fn(0.9))
+    >>> theirs = swa_utils.AveragedModel(model, multi_avg_fn=swa_utils.get_ema_multi_avg_fn(0.9))
+    >>> for _ in range(3):
+    ...     with torch.no_grad():
+    ...         _ = model.weight.mul_(1.5)
+    ...     ours.update_parameters(model)
+    ...     theirs.update_parameters(model)
+    >>> torch.equal(ours.module.weight, theirs.module.weight), int(ours.n_averaged)
+    (True, 3)
+    >>> theirs.load_state_dict(ours.state_dict())   # the same keys: module.*, n_averaged
+    <All keys matched successfully>
 """
 
 from __future__ import annotations
@@ -137,10 +138,11 @@ def get_ema_multi_avg_fn(decay: float = 0.999) -> MultiAvgFn:
     in torch's ``AveragedModel`` it gives torch's results, except that integer tensors are
     copied rather than truncated.
 
-    >>> import torch, wavg_fused as wf
-    >>> a, b = [torch.zeros(3)], [torch.ones(3)]
-    >>> wf.get_ema_multi_avg_fn(0.75)(a, b, torch.tensor(1)); a[0]
-    tensor([0.2500, 0.2500, 0.2500])
+    Examples:
+        >>> import torch, wavg_fused as wf
+        >>> a, b = [torch.zeros(3)], [torch.ones(3)]
+        >>> wf.get_ema_multi_avg_fn(0.75)(a, b, torch.tensor(1)); a[0]
+        tensor([0.2500, 0.2500, 0.2500])
     """
     if isinstance(decay, bool) or not isinstance(decay, numbers.Real) or not 0.0 <= decay <= 1.0:
         raise ValueError(f"Invalid decay value {decay} provided. Please provide a value in [0,1] range.")
@@ -152,10 +154,11 @@ def get_swa_multi_avg_fn() -> MultiAvgFn:
     1 / (n + 1))``, as torch's function of the same name; integer tensors are copied (torch's
     raises on them). Fused in ``wavg_fused.AveragedModel``.
 
-    >>> import torch, wavg_fused as wf
-    >>> a, b = [torch.zeros(2)], [torch.full((2,), 3.0)]
-    >>> wf.get_swa_multi_avg_fn()(a, b, torch.tensor(2)); a[0]
-    tensor([1., 1.])
+    Examples:
+        >>> import torch, wavg_fused as wf
+        >>> a, b = [torch.zeros(2)], [torch.full((2,), 3.0)]
+        >>> wf.get_swa_multi_avg_fn()(a, b, torch.tensor(2)); a[0]
+        tensor([1., 1.])
     """
     return _SWAMultiAvgFn()
 
@@ -173,12 +176,13 @@ def fused_method(avg_fn: Callable | None = None, multi_avg_fn: Callable | None =
     """The fused ``Method`` equivalent to an ``AveragedModel`` averaging function, or ``None``
     when it has to run as given.
 
-    >>> import wavg_fused as wf
-    >>> from torch.optim import swa_utils
-    >>> fused_method(multi_avg_fn=swa_utils.get_ema_multi_avg_fn(0.9))
-    EMA(decay=0.9)
-    >>> fused_method(), fused_method(avg_fn=swa_utils.get_ema_avg_fn(0.9))
-    (SWA(), None)
+    Examples:
+        >>> import wavg_fused as wf
+        >>> from torch.optim import swa_utils
+        >>> fused_method(multi_avg_fn=swa_utils.get_ema_multi_avg_fn(0.9))
+        EMA(decay=0.9)
+        >>> fused_method(), fused_method(avg_fn=swa_utils.get_ema_avg_fn(0.9))
+        (SWA(), None)
     """
     fn = multi_avg_fn if multi_avg_fn is not None else avg_fn
     if fn is None:
@@ -205,12 +209,11 @@ class AveragedModel(Averager):
     updated in one fused pass where the averaging function allows (see the module docstring
     for the rules and the list of differences).
 
-    Args:
-        model, device, avg_fn, multi_avg_fn, use_buffers: as in torch. ``device`` places the
-            averaged copy and ``n_averaged`` (which stays on the CPU when ``device`` is None,
-            as in torch, also for a GPU model).
-        backend, dtype, averaged_module, skip_nonfinite: keyword-only, as in ``Averager``
-            (``n_skipped`` joins the state dict only with ``skip_nonfinite=True``).
+    ``model``, ``device``, ``avg_fn``, ``multi_avg_fn`` and ``use_buffers`` are torch's.
+    ``device`` places the averaged copy and ``n_averaged`` (which stays on the CPU when
+    ``device`` is None, as in torch, also for a GPU model). ``backend``, ``dtype``,
+    ``averaged_module`` and ``skip_nonfinite`` are keyword-only, as in ``Averager``
+    (``n_skipped`` joins the state dict only with ``skip_nonfinite=True``).
     """
 
     def __init__(

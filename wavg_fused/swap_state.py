@@ -118,12 +118,13 @@ class SwapMethods:
         Raises ``RuntimeError`` if no update ever wrote the average (checking reads
         ``n_averaged``, which waits for the GPU) or while the average is swapped in.
 
-        >>> import torch, wavg_fused as wf
-        >>> model = torch.nn.Linear(3, 1)
-        >>> avg = wf.Averager(model, wf.EMA(0.5)); avg.update(model)
-        >>> with torch.no_grad(): _ = model.weight.add_(1.0)
-        >>> avg.copy_to(model); torch.equal(model.weight, avg.module.weight)
-        True
+        Examples:
+            >>> import torch, wavg_fused as wf
+            >>> model = torch.nn.Linear(3, 1)
+            >>> avg = wf.Averager(model, wf.EMA(0.5)); avg.update(model)
+            >>> with torch.no_grad(): _ = model.weight.add_(1.0)
+            >>> avg.copy_to(model); torch.equal(model.weight, avg.module.weight)
+            True
         """
         model = self._checked_model(model, "copy_to")
         self._check_averaged("copy_to")
@@ -150,15 +151,16 @@ class SwapMethods:
         Swapping in raises ``RuntimeError`` if no update ever wrote the average (checking reads
         ``n_averaged``: it waits for the GPU).
 
-        >>> import torch, wavg_fused as wf
-        >>> model = torch.nn.Linear(3, 1)
-        >>> avg = wf.Averager(model, wf.SWA()); avg.update(model)
-        >>> trained = model.weight.detach().clone()
-        >>> with torch.no_grad(): _ = model.weight.mul_(3.0)
-        >>> avg.swap(model); torch.equal(model.weight, trained), avg.is_swapped
-        (True, True)
-        >>> avg.swap(model); torch.equal(model.weight, 3 * trained), avg.is_swapped
-        (True, False)
+        Examples:
+            >>> import torch, wavg_fused as wf
+            >>> model = torch.nn.Linear(3, 1)
+            >>> avg = wf.Averager(model, wf.SWA()); avg.update(model)
+            >>> trained = model.weight.detach().clone()
+            >>> with torch.no_grad(): _ = model.weight.mul_(3.0)
+            >>> avg.swap(model); torch.equal(model.weight, trained), avg.is_swapped
+            (True, True)
+            >>> avg.swap(model); torch.equal(model.weight, 3 * trained), avg.is_swapped
+            (True, False)
         """
         model = de_parallel(model)
         swapped = self._swapped
@@ -182,16 +184,17 @@ class SwapMethods:
         Swaps in and out as ``swap`` does (the same guards and costs); refuses to start while the
         average is swapped in already, and does not swap back if the block already did.
 
-        >>> import torch, wavg_fused as wf
-        >>> model = torch.nn.Linear(3, 1)
-        >>> avg = wf.Averager(model, wf.EMA(0.9)); avg.update(model)
-        >>> with torch.no_grad(): _ = model.weight.add_(1.0)
-        >>> trained, average = model.weight.detach().clone(), avg.module.weight.detach().clone()
-        >>> with avg.swapped(model):
-        ...     torch.equal(model.weight, average)
-        True
-        >>> torch.equal(model.weight, trained)
-        True
+        Examples:
+            >>> import torch, wavg_fused as wf
+            >>> model = torch.nn.Linear(3, 1)
+            >>> avg = wf.Averager(model, wf.EMA(0.9)); avg.update(model)
+            >>> with torch.no_grad(): _ = model.weight.add_(1.0)
+            >>> trained, average = model.weight.detach().clone(), avg.module.weight.detach().clone()
+            >>> with avg.swapped(model):
+            ...     torch.equal(model.weight, average)
+            True
+            >>> torch.equal(model.weight, trained)
+            True
         """
         if self._swapped is not None:
             raise RuntimeError(f"Averager.swapped: {NOT_WHILE_SWAPPED}")

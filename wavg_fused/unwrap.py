@@ -10,10 +10,11 @@ __all__ = ["de_parallel"]
 def de_parallel(model: nn.Module) -> nn.Module:
     """The module inside DataParallel, DistributedDataParallel and ``torch.compile`` wrappers.
 
-    >>> import torch
-    >>> net = torch.nn.Linear(2, 2)
-    >>> de_parallel(torch.nn.DataParallel(net)) is net
-    True
+    Examples:
+        >>> import torch
+        >>> net = torch.nn.Linear(2, 2)
+        >>> de_parallel(torch.nn.DataParallel(net)) is net
+        True
     """
     if not isinstance(model, nn.Module):
         raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")

@@ -79,8 +79,9 @@ def _reason(name: str, device: torch.device) -> str | None:
 def select_backend(requested: str, device: torch.device | str) -> Backend:
     """The backend that updates tensors on ``device``.
 
-    >>> select_backend("torch", "cpu").name
-    'torch'
+    Examples:
+        >>> select_backend("torch", "cpu").name
+        'torch'
     """
     device = torch.device(device)
     if requested == "auto":
@@ -102,10 +103,11 @@ def available_backends(device: torch.device | str = "cpu", include_test_tools: b
     """Names of the backends that can update tensors on ``device``, fastest first; with
     ``include_test_tools``, followed by the available test tools (``TEST_TOOLS``).
 
-    >>> "torch" in available_backends("cpu")
-    True
-    >>> "cuda-emulated" in available_backends("cpu")
-    False
+    Examples:
+        >>> "torch" in available_backends("cpu")
+        True
+        >>> "cuda-emulated" in available_backends("cpu")
+        False
     """
     device = torch.device(device)
     order = PREFERENCE.get(device.type, DEFAULT_PREFERENCE)
@@ -140,8 +142,9 @@ def backend_report() -> str:
     """A text to paste into bug reports: versions, the compiled extension's CPU kernel (AVX-512,
     AVX2 or default) and CUDA kernels, and why each backend is or is not available.
 
-    >>> backend_report().splitlines()[2].startswith("compiled extension: ")
-    True
+    Examples:
+        >>> backend_report().splitlines()[2].startswith("compiled extension: ")
+        True
     """
     import platform
 

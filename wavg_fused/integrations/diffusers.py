@@ -19,7 +19,7 @@ counter started at 1, ``n = s`` (the warm-up form); the other form is
 ``1 - (1 + (s + 1) / 9) ** -1``, ``EMAWarmup(inv_gamma=9, power=1)`` one count later, so its
 counter starts at 2. A ``min_decay`` at or above ``decay`` leaves the constant ``min_decay``.
 
-Differences from diffusers (0.42.1), all in the README:
+Differences from diffusers (0.42.1), summed up in docs/migrating.md:
 
 - The update is ``s + w (p - s)`` computed in float32 (float64 for float64) and rounded once,
   where diffusers rounds three times (``s - p``, times ``1 - decay``, the subtraction), so
@@ -43,15 +43,16 @@ Differences from diffusers (0.42.1), all in the README:
 - ``foreach`` is kept but changes nothing (every update is one fused pass); DeepSpeed ZeRO-3
   parameters raise (the engine's check) instead of being gathered.
 
->>> import torch
->>> from wavg_fused.integrations.diffusers import EMAModel
->>> model = torch.nn.Linear(4, 2)
->>> ema = EMAModel(model.parameters(), decay=0.999, update_after_step=1)
->>> for _ in range(3):
-...     ema.step(model.parameters())
->>> ema.optimization_step, round(ema.cur_decay_value, 6)   # (1 + 1) / (10 + 1)
-(3, 0.181818)
->>> ema.store(model.parameters()); ema.copy_to(model.parameters()); ema.restore(model.parameters())
+Examples:
+    >>> import torch
+    >>> from wavg_fused.integrations.diffusers import EMAModel
+    >>> model = torch.nn.Linear(4, 2)
+    >>> ema = EMAModel(model.parameters(), decay=0.999, update_after_step=1)
+    >>> for _ in range(3):
+    ...     ema.step(model.parameters())
+    >>> ema.optimization_step, round(ema.cur_decay_value, 6)   # (1 + 1) / (10 + 1)
+    (3, 0.181818)
+    >>> ema.store(model.parameters()); ema.copy_to(model.parameters()); ema.restore(model.parameters())
 """
 
 from __future__ import annotations

@@ -16,7 +16,7 @@ schedule is decided on the host from a mirror of ``step`` (ema-pytorch reads ``s
 ``initted`` from the device on every call); the decay is computed in float32 as ema-pytorch
 computes it, so values equal its own bit for bit on the ``cpu`` and ``torch`` backends.
 
-Where it differs from ema-pytorch (README, "Coming from ema-pytorch"): integer buffers
+Where it differs from ema-pytorch (docs/migrating.md): integer buffers
 (BatchNorm's ``num_batches_tracked``) follow the model, where ema-pytorch never writes them after
 the deepcopy (``copy_params_from_ema_to_model`` leaves the model's own, as ema-pytorch does, at
 two small copies each); a tensor in ``ignore_names`` costs two small copies per update (it is
@@ -25,16 +25,17 @@ effect (the fused kernel reads any device and dtype; ema-pytorch raises without 
 complex tensors are copied, not averaged; only ``nn.Module`` models (no pytrees:
 use ``ema_pytorch.EMAPytree``). Writing ``step`` costs one tiny device write per call.
 
->>> import torch
->>> from wavg_fused.integrations.ema_pytorch import EMA
->>> model = torch.nn.Linear(4, 2)
->>> ema = EMA(model, beta=0.9, update_after_step=0, update_every=1)
->>> for _ in range(3):
-...     ema.update()
->>> int(ema.step), bool(ema.initted), round(ema.get_current_decay(), 4)
-(3, True, 0.5193)
->>> list(ema.state_dict())[:3]
-['initted', 'step', 'online_model.weight']
+Examples:
+    >>> import torch
+    >>> from wavg_fused.integrations.ema_pytorch import EMA
+    >>> model = torch.nn.Linear(4, 2)
+    >>> ema = EMA(model, beta=0.9, update_after_step=0, update_every=1)
+    >>> for _ in range(3):
+    ...     ema.update()
+    >>> int(ema.step), bool(ema.initted), round(ema.get_current_decay(), 4)
+    (3, True, 0.5193)
+    >>> list(ema.state_dict())[:3]
+    ['initted', 'step', 'online_model.weight']
 """
 
 from __future__ import annotations

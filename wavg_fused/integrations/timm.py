@@ -14,7 +14,7 @@ one fused pass (timm: a ``_foreach_lerp_`` plus casts and a Python walk over the
 The decay is computed on the host from ``step`` exactly as timm computes it, so the averaged
 values equal timm's bit for bit for fp32 models on the ``cpu`` and ``torch`` backends.
 
-Where it differs from timm (README, "Coming from timm"): tied tensors (GPT-2's ``lm_head``) are
+Where it differs from timm (docs/migrating.md): tied tensors (GPT-2's ``lm_head``) are
 averaged once per update, where ``ModelEmaV3`` with buffers averages them once per name (twice);
 non-persistent floating buffers are averaged like the other buffers, where timm's state-dict walk
 never updates them; a bf16 model with ``dtype=torch.float32`` goes through the fused lerp where
@@ -25,15 +25,16 @@ into them (``num_batches_tracked`` stalls), and blends with a lerp (an ulp apart
 
 timm is not needed to use these classes; ``import wavg_fused`` never imports this module.
 
->>> import torch
->>> from wavg_fused.integrations.timm import ModelEmaV3
->>> model = torch.nn.Linear(4, 2)
->>> ema = ModelEmaV3(model, decay=0.9, use_warmup=True)
->>> ema.get_decay(1), round(ema.get_decay(4), 4)
-(0.0, 0.6031)
->>> ema.update(model, step=1)
->>> list(ema.state_dict())
-['module.weight', 'module.bias']
+Examples:
+    >>> import torch
+    >>> from wavg_fused.integrations.timm import ModelEmaV3
+    >>> model = torch.nn.Linear(4, 2)
+    >>> ema = ModelEmaV3(model, decay=0.9, use_warmup=True)
+    >>> ema.get_decay(1), round(ema.get_decay(4), 4)
+    (0.0, 0.6031)
+    >>> ema.update(model, step=1)
+    >>> list(ema.state_dict())
+    ['module.weight', 'module.bias']
 """
 
 from __future__ import annotations
