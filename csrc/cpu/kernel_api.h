@@ -25,6 +25,16 @@ struct PlanView {
   const bool* active = nullptr;
 };
 
+// Bytes of one model element of a plan row (kItemsize is the shadow's; integer rows have equal dtypes).
+inline int64_t model_itemsize(const int64_t* row) {
+  switch (row[kModelDtype]) {
+    case kFloat32: return 4;
+    case kFloat64: return 8;
+    case kFloat16: case kBFloat16: return 2;
+    default: return row[kItemsize];
+  }
+}
+
 // Update elements [begin, end) of the whole plan (they may span several tensors).
 using ProcessFn = void (*)(const PlanView&, int64_t begin, int64_t end);
 // Whether any averaged (role kAverage) model element in [begin, end) of the plan is Inf or NaN.

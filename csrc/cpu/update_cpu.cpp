@@ -15,13 +15,10 @@
 #include "../plan_rows.h"
 #include "../wavg_rule.h"
 #include "kernel_api.h"
+#include "parallel_policy.h"
 
 namespace wavg_fused::cpu {
 namespace {
-
-// Elements per thread at least: below this, waking threads costs more than it saves (ATen's
-// TensorIterator uses the same 32K).
-constexpr int64_t kGrainElems = 32768;
 
 // WAVG_FUSED_CPU_ISA=default|avx2|avx512 forces one (tests run each; users can rule one out).
 Kernels widest_kernels() {
@@ -100,7 +97,11 @@ void update_cpu(at::TensorList flats, const at::Tensor& table, const at::Tensor&
   const int64_t num_tensors = table.size(0);
   const int64_t* rows = table.data_ptr<int64_t>();
   std::vector<int64_t> first(num_tensors + 1, 0);  // first element of each tensor in the whole plan
-  for (int64_t t = 0; t < num_tensors; ++t) first[t + 1] = first[t] + rows[t * kNumColumns + kNumel];
+  int64_t bytes = 0;  // what the pass moves: parallel_policy.h picks the threads from it
+  for (int64_t t = 0; t < num_tensors; ++t) {
+    first[t + 1] = first[t] + rows[t * kNumColumns + kNumel];
+    bytes += row_bytes(rows + t * kNumColumns, mode == kModeCheck);
+  }
 
   std::vector<char*> flat_bases;
   for (const at::Tensor& flat : flats) flat_bases.push_back(static_cast<char*>(flat.data_ptr()));
@@ -109,7 +110,7 @@ void update_cpu(at::TensorList flats, const at::Tensor& table, const at::Tensor&
   const PlanView plan{rows, first.data(), num_tensors, flat_bases.data(), k, mode};
   if (mode == kModeCheck) {
     std::atomic<bool> found{false};
-    at::parallel_for(0, first.back(), kGrainElems, [&](int64_t begin, int64_t end) {
+    parallel_elements(first.back(), bytes, [&](int64_t begin, int64_t end) {
       if (!found.load(std::memory_order_relaxed) && kernels.any_nonfinite(plan, begin, end)) found = true;
     });
     if (found) *flag = 1;  // ORed in: a model spread over devices combines its parts' flags
@@ -126,8 +127,7 @@ void update_cpu(at::TensorList flats, const at::Tensor& table, const at::Tensor&
                   "wavg_fused.update_: swap needs equal model and shadow dtypes (tensor ", t, ")");
     }
   }
-  at::parallel_for(0, first.back(), kGrainElems,
-                   [&](int64_t begin, int64_t end) { kernels.process(plan, begin, end); });
+  parallel_elements(first.back(), bytes, [&](int64_t begin, int64_t end) { kernels.process(plan, begin, end); });
   if (bump) *counter += 1;
 }
 

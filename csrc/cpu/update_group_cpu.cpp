@@ -13,11 +13,10 @@
 #include "../plan_rows.h"
 #include "../wavg_rule.h"
 #include "kernel_api.h"
+#include "parallel_policy.h"
 
 namespace wavg_fused::cpu {
 namespace {
-
-constexpr int64_t kGroupGrainElems = 32768;  // as update_cpu.cpp: waking threads for less costs more
 
 void update_group_cpu(at::TensorList flats, const at::Tensor& table, const at::Tensor& /*blocks*/,
                       at::TensorList counters, const at::Tensor& /*workspace*/, at::IntArrayRef methods,
@@ -41,9 +40,14 @@ void update_group_cpu(at::TensorList flats, const at::Tensor& table, const at::T
   const int64_t num_tensors = table.size(0) / members;
   const int64_t* rows = table.data_ptr<int64_t>();
   std::vector<int64_t> first(num_tensors + 1, 0);  // a tensor's elements: those of the members that keep it
+  int64_t bytes = 0;  // as separate updates would count them: the threads do the members' work
   for (int64_t t = 0; t < num_tensors; ++t) {
     int64_t numel = 0;
-    for (int64_t k = 0; k < members; ++k) numel = std::max(numel, rows[(t * members + k) * kNumColumns + kNumel]);
+    for (int64_t k = 0; k < members; ++k) {
+      const int64_t* row = rows + (t * members + k) * kNumColumns;
+      numel = std::max(numel, row[kNumel]);
+      if (active[k]) bytes += row_bytes(row, false);
+    }
     first[t + 1] = first[t] + numel;
   }
   std::vector<char*> flat_bases;
@@ -52,8 +56,7 @@ void update_group_cpu(at::TensorList flats, const at::Tensor& table, const at::T
   const Kernels& kernels = selected_kernels();
   const PlanView plan{rows, first.data(), num_tensors, flat_bases.data(), steps[0], kModeAverage,
                       members, steps, active};
-  at::parallel_for(0, first.back(), kGroupGrainElems,
-                   [&](int64_t begin, int64_t end) { kernels.process(plan, begin, end); });
+  parallel_elements(first.back(), bytes, [&](int64_t begin, int64_t end) { kernels.process(plan, begin, end); });
   for (int64_t k = 0; k < members; ++k) {
     if ((flags[k] & kMemberBump) != 0 && active[k]) *counters[k].data_ptr<int64_t>() += 1;
   }
