@@ -9,9 +9,10 @@
 #   env -> build (sm_90 only, all cores) -> triton-warm (every Triton variant compiled, in parallel)
 #   -> tests (CUDA-only tests and every backend's CUDA parametrisation: pytest -m gpu)
 #   -> bench (the zoo on CUDA: CUDA events, L2 overwritten per sample, copy bandwidth as the limit)
+#   -> groups (benchmarks/groups.py: K averages in one pass against K Averagers and K of each peer)
 #   -> pytest-benchmark on CUDA, if time remains.
 # Files in $OUT (at most 8): summary.md (rewritten after every phase: passed/failed/skipped, the
-# benchmark table, the environment), gpu-bench-*.json (+ .png), pytest-benchmark.json, logs.tar.gz
+# benchmark table, the environment), gpu-bench-*.json (+ .png), gpu-groups.json, pytest-benchmark.json, logs.tar.gz
 # (every log and the JUnit XML). Uses the image's own torch, triton, setuptools and ninja: no pip.
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -53,12 +54,14 @@ if [ "$DRY" = 1 ]; then
   BUILD_OUT=(--build-temp "$(mktemp -d)" --build-lib "$(mktemp -d)")  # leave the tree's build alone
   DEVICE=cpu
   SMALL=2000x1k LARGE=2000x1k REPEATS=3 BENCH_MODELS=2000x1k VARIANTS_SMALL=fp32 VARIANTS_LARGE=bf16/fp32
+  GROUP_MODELS=2000x1k GROUP_MEMBERS=2
 else
   ARCH_ENV=(WAVG_FUSED_BUILD_CUDA=1 TORCH_CUDA_ARCH_LIST=9.0 MAX_JOBS=16 WAVG_FUSED_PTXAS_VERBOSE=1)
   BUILD_OUT=(--inplace)
   DEVICE=cuda
   SMALL=2000x1k,resnet50 LARGE=vit_b16,gpt2,llama_1b3 REPEATS=30 BENCH_MODELS=2000x1k,resnet50,gpt2
   VARIANTS_SMALL=fp32,bf16/fp32 VARIANTS_LARGE=fp32,bf16/fp32
+  GROUP_MODELS="2000x1k resnet50 gpt2" GROUP_MEMBERS="2 3"
 fi
 # The tests check that the compiled backends were really built (they skip nothing silently).
 export WAVG_FUSED_EXPECT_EXT=1
@@ -72,6 +75,8 @@ phase bench-small 100 $PY -m wavg_fused.bench.cli bench --device "$DEVICE" --mod
   --repeats "$REPEATS" --json "$OUT/gpu-bench-small.json"
 phase bench-large 120 $PY -m wavg_fused.bench.cli bench --device "$DEVICE" --models "$LARGE" --variants "$VARIANTS_LARGE" \
   --repeats "$REPEATS" --json "$OUT/gpu-bench-large.json"
+phase groups 60 $PY benchmarks/groups.py --device "$DEVICE" --models $GROUP_MODELS --members $GROUP_MEMBERS \
+  --repeats "$REPEATS" --json "$OUT/gpu-groups.json"
 phase pytest-benchmark 90 env WAVG_BENCH_DEVICE="$DEVICE" WAVG_BENCH_MODELS="$BENCH_MODELS" \
   $PY -m pytest benchmarks -q -p no:cacheprovider -o addopts= --benchmark-only --benchmark-json="$OUT/pytest-benchmark.json"
 

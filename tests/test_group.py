@@ -257,3 +257,26 @@ def test_opcheck_group(op):
         getattr(torch.ops.wavg_fused, op).default(plan.flats, plan.table[:-1], *args[2:])
     with pytest.raises(RuntimeError, match="one entry per member"):
         getattr(torch.ops.wavg_fused, op).default(*args[:5], [0, 1], [0.9], [3, 3], [-1, -1])
+
+
+def test_a_copied_or_pickled_group_updates_on_its_own():
+    import io
+
+    model = _model()
+    group = wf.AveragerGroup(model, {"a": wf.EMA(0.5), "b": wf.SWA()}, backend="cpu")
+    group.update(model)
+    copied = copy.deepcopy(group)
+    buffer = io.BytesIO()
+    torch.save(group, buffer)
+    buffer.seek(0)
+    loaded = torch.load(buffer, weights_only=False)
+    assert copied["a"]._engine is copied["b"]._engine and copied["a"]._engine is not group["a"]._engine
+    _train_step(model, torch.float32, 1)
+    copied.update(model)
+    loaded.update(model)
+    assert (int(copied["a"].n_averaged), int(group["a"].n_averaged)) == (2, 1)  # the original did not move
+    for name in ("a", "b"):
+        _assert_equal_states(loaded[name], copied[name], name)
+    group.to(torch.float64)
+    group.update(model)
+    assert group["a"].module[0].weight.dtype == torch.float64 and int(group["b"].n_averaged) == 2

@@ -83,7 +83,8 @@ class AveragerGroup(nn.Module):
         members: name -> ``Method``, or name -> a mapping with the member's ``"method"`` and any of
             its own options (``use_buffers``, ``dtype``, ``exclude``, ``stochastic_rounding``,
             ``rounding_seed``, ``update_after``, ``update_every``). At most 8.
-        backend, device: shared by every member.
+        backend: shared by every member (``Averager``'s argument).
+        device: shared by every member (``Averager``'s argument).
         **options: defaults for every member's options (a member's own mapping overrides them).
             ``skip_nonfinite``, ``write_back_every`` and ``averaged_module`` cannot share a pass:
             asking for them raises and says why.
@@ -93,16 +94,17 @@ class AveragerGroup(nn.Module):
     name (``"fast.module.weight"``, ``"fast.n_averaged"``, ...) and loads atomically: every
     member's entries are checked before any is copied.
 
-    >>> import torch, wavg_fused as wf
-    >>> model = torch.nn.Linear(4, 2)
-    >>> group = wf.AveragerGroup(model, {"fast": wf.EMA(0.99), "slow": wf.EMA(0.9999),
-    ...                                  "swa": {"method": wf.SWA(), "update_after": 10}})
-    >>> for step in range(20):
-    ...     group.update(model)      # one pass updates all three
-    >>> int(group["fast"].n_averaged), int(group["swa"].n_averaged)
-    (20, 10)
-    >>> group["slow"](torch.ones(1, 4)).shape
-    torch.Size([1, 2])
+    Examples:
+        >>> import torch, wavg_fused as wf
+        >>> model = torch.nn.Linear(4, 2)
+        >>> group = wf.AveragerGroup(model, {"fast": wf.EMA(0.99), "slow": wf.EMA(0.9999),
+        ...                                  "swa": {"method": wf.SWA(), "update_after": 10}})
+        >>> for step in range(20):
+        ...     group.update(model)      # one pass updates all three
+        >>> int(group["fast"].n_averaged), int(group["swa"].n_averaged)
+        (20, 10)
+        >>> group["slow"](torch.ones(1, 4)).shape
+        torch.Size([1, 2])
     """
 
     def __init__(self, model: nn.Module, members: Mapping[str, Method | Mapping[str, Any]], *,

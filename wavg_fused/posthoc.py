@@ -116,22 +116,25 @@ class PostHocEMA(nn.Module):
         checkpoint_dtype: the snapshots' floating dtype (None: the profiles' own).
         update_every: average on every ``update_every``-th call only.
         param_or_buffer_names_no_ema: tensors copied from the model instead of averaged.
-        use_buffers, device, dtype, backend: as ``wavg_fused.Averager``'s (``use_buffers`` is
-            True here, as in ema-pytorch).
+        use_buffers: as ``wavg_fused.Averager``'s, but True by default, as in ema-pytorch.
+        device: as ``wavg_fused.Averager``'s.
+        dtype: as ``wavg_fused.Averager``'s.
+        backend: as ``wavg_fused.Averager``'s.
 
-    >>> import shutil, tempfile, torch, wavg_fused as wf
-    >>> model, folder = torch.nn.Linear(4, 2), tempfile.mkdtemp()
-    >>> ema = wf.PostHocEMA(model, sigma_rels=(0.05, 0.28), checkpoint_every_num_steps=10, checkpoint_folder=folder)
-    >>> for _ in range(30):
-    ...     with torch.no_grad():
-    ...         _ = model.weight.add_(0.01)
-    ...     ema.update()
-    >>> sorted(p.name for p in ema.checkpoint_folder.iterdir())[:3]
-    ['0.10.safetensors', '0.20.safetensors', '0.30.safetensors']
-    >>> synthesized = ema.synthesize_ema_model(sigma_rel=0.15)   # an nn.Module like model
-    >>> synthesized(torch.ones(1, 4)).shape
-    torch.Size([1, 2])
-    >>> shutil.rmtree(folder)
+    Examples:
+        >>> import shutil, tempfile, torch, wavg_fused as wf
+        >>> model, folder = torch.nn.Linear(4, 2), tempfile.mkdtemp()
+        >>> ema = wf.PostHocEMA(model, sigma_rels=(0.05, 0.28), checkpoint_every_num_steps=10, checkpoint_folder=folder)
+        >>> for _ in range(30):
+        ...     with torch.no_grad():
+        ...         _ = model.weight.add_(0.01)
+        ...     ema.update()
+        >>> sorted(p.name for p in ema.checkpoint_folder.iterdir())[:3]
+        ['0.10.safetensors', '0.20.safetensors', '0.30.safetensors']
+        >>> synthesized = ema.synthesize_ema_model(sigma_rel=0.15)   # an nn.Module like model
+        >>> synthesized(torch.ones(1, 4)).shape
+        torch.Size([1, 2])
+        >>> shutil.rmtree(folder)
     """
 
     def __init__(
