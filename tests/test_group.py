@@ -13,7 +13,7 @@ from wavg_fused.backends import fused
 from reference import Reference, assert_matches_reference
 
 GROUP_BACKENDS = [b for b in wf.available_backends("cpu", include_test_tools=True)]
-FUSED = {"cpu", "cuda-emulated", "cuda"}  # backends with a group kernel: one launch for every member
+FUSED = {"cpu", "cuda-emulated", "cuda", "triton"}  # backends with a group kernel: one launch for every member
 
 
 def _model(dtype=torch.float32):
@@ -61,6 +61,12 @@ class _Count:
             single, group = cls._launch, cls._launch_group
             monkeypatch.setattr(cls, "_launch", staticmethod(self._wrap(single, "single")))
             monkeypatch.setattr(cls, "_launch_group", staticmethod(self._wrap(group, "group")))
+        try:
+            from wavg_fused.triton import kernel
+        except ImportError:  # no Triton: no triton backend to count
+            return
+        monkeypatch.setattr(kernel, "launch", self._wrap(kernel.launch, "single"))
+        monkeypatch.setattr(kernel, "launch_group", self._wrap(kernel.launch_group, "group"))
 
     def _wrap(self, fn, which):
         def counted(*args, **kwargs):

@@ -42,14 +42,14 @@ def test_every_launched_variant_compiles_for_sm90_with_vector_accesses():
     variants = json.loads(result.stdout.splitlines()[-1])
     assert sorted(variants) == sorted(
         ["update-1024", "update-stochastic-1024", "update-4096", "update-stochastic-4096", "transfer-4096",
-         "check-4096"]
+         "check-4096", "group-1024", "group-stochastic-1024"]
     )
     for name, found in variants.items():
         # 16-byte loads in every pass (the check only reads); stores wherever the pass writes
         assert found["ld_v4"] > 0, (name, found)
         assert (found["st_v4"] > 0) == (not name.startswith("check")), (name, found)
-        # only the update counts finished programs (the last one bumps n_averaged)
-        assert found["atomic"] == name.startswith("update"), (name, found)
+        # only the updates count finished programs (the last one bumps the counters)
+        assert found["atomic"] == name.startswith(("update", "group")), (name, found)
 
 
 def test_launch_args_are_never_specialised_per_call():
@@ -85,3 +85,23 @@ def test_gpu_block_follows_the_typical_tensor():
     assert _gpu_config([3] + [10**6] * 5) == (4096, 8)
     assert _gpu_config([]) == (1024, 4)
     assert _gpu_config([1000] * 2000, MODE_CHECK) == _gpu_config([1000] * 2000, MODE_SWAP) == (4096, 8)
+
+
+def test_group_launch_args_are_never_specialised_per_call():
+    """The group kernel: block count, member count and whether any counter is bumped give one
+    compile key per STOCHASTIC (its two variants in ``gpu_variants``)."""
+    import torch
+
+    from wavg_fused.triton import aot, kernel
+
+    workspace = torch.zeros(2, dtype=torch.int32)
+    keys = {False: set(), True: set()}
+    for num_blocks, members, flags in [(1, 2, [3, 3]), (16, 3, [2, 0, 1]), (33, 8, [3] * 8), (4096, 5, [0] * 5)]:
+        table = torch.zeros(7 * members, 9, dtype=torch.int64)
+        member_table = torch.zeros(members, len(kernel.MEMBER_COLUMNS), dtype=torch.int64)
+        blocks = torch.zeros(num_blocks, 2, dtype=torch.int64)
+        for stochastic in keys:
+            args, kwargs = kernel.launch_group_args(table, blocks, table[0], member_table, workspace, flags, stochastic,
+                                                    1024, 4)
+            keys[stochastic].add(aot.compile_key(kernel._wavg_group_kernel, args, kwargs))
+    assert len(keys[False]) == len(keys[True]) == 1 and keys[False] != keys[True], keys

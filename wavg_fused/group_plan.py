@@ -14,7 +14,7 @@ from collections.abc import Sequence
 
 import torch
 
-from .plan import COLUMNS, Plan, block_table
+from .plan import COLUMNS, Plan, block_table, cached_tensors
 
 __all__ = ["GroupPlan", "MAX_MEMBERS", "MAX_FLATS"]
 
@@ -60,7 +60,9 @@ class GroupPlan:
         self.table = table.to(self.device)
         self.workspace = torch.zeros(2, dtype=torch.int32, device=self.device)  # [0]: finished blocks
         self._blocks: dict[int, torch.Tensor] = {}
+        self.backend_cache: dict[str, object] = {}  # a backend's derived data (``Plan.backend_cache``)
         self._streams_seen: set[int] = set()
+        self._memory_version = (0, 0)
 
     def block_table(self, block_elems: int) -> torch.Tensor:
         """(tensor index, start element) of each ``block_elems`` piece of the model's tensors."""
@@ -73,9 +75,19 @@ class GroupPlan:
         tables (``Plan.mark_stream`` does the same for the members' plans)."""
         if self.device.type != "cuda" or torch.compiler.is_compiling() or torch.cuda.is_current_stream_capturing():
             return
+        memory = self.device_memory()
+        version = (len(self._blocks), len(memory))  # tables added since: record them too
+        if version != self._memory_version:
+            self._memory_version = version
+            self._streams_seen.clear()
         stream = torch.cuda.current_stream(self.device)
         if stream.stream_id in self._streams_seen:
             return
         self._streams_seen.add(stream.stream_id)
-        for tensor in (self.table, self.workspace, *self._blocks.values()):
+        for tensor in memory:
             tensor.record_stream(stream)
+
+    def device_memory(self) -> list[torch.Tensor]:
+        """The group's own tensors on its device: tables, workspace and what backends cached."""
+        cached = [t for t in cached_tensors(self.backend_cache) if t.device == self.device]
+        return [self.table, self.workspace, *self._blocks.values(), *cached]

@@ -163,6 +163,20 @@ def _needs_staging(model: torch.Tensor, shadow: torch.Tensor) -> bool:
     return model.stride() != shadow.stride() or dense_strides(model) != tuple(model.stride())
 
 
+def cached_tensors(cache: dict) -> list[torch.Tensor]:
+    """The tensors in a ``backend_cache`` (values, and tuples, lists and dicts of them)."""
+    found, pending = [], list(cache.values())
+    while pending:
+        item = pending.pop()
+        if isinstance(item, torch.Tensor):
+            found.append(item)
+        elif isinstance(item, (tuple, list)):
+            pending.extend(item)
+        elif isinstance(item, dict):
+            pending.extend(item.values())
+    return found
+
+
 class Plan:
     """Everything one device's update needs; rebuilt when a model address, shape or dtype changes.
 
@@ -241,16 +255,7 @@ class Plan:
         buffers, tables, workspace, counters, staging buffers and what backends cached."""
         found = [*self.flats, self.workspace, self.spare_count, *self._tables.values()]
         found += [staging for staging, _ in self._staged]
-        pending = list(self.backend_cache.values())
-        while pending:
-            item = pending.pop()
-            if isinstance(item, torch.Tensor):
-                found.append(item)
-            elif isinstance(item, (tuple, list)):
-                pending.extend(item)
-            elif isinstance(item, dict):
-                pending.extend(item.values())
-        return found
+        return found + cached_tensors(self.backend_cache)
 
     def mark_stream(self) -> None:
         """Call after each launch: tell the caching allocator that the current CUDA stream uses

@@ -10,6 +10,7 @@ import os
 
 import torch
 
+from ..group_plan import GroupPlan
 from ..methods import Method
 from ..plan import MODE_AVERAGE, MODE_CHECK, Plan
 from ..triton import kernel  # ImportError without Triton: the registry reports it
@@ -26,6 +27,11 @@ from ..triton import kernel  # ImportError without Triton: the registry reports 
 # runs each program in Python, so it gets large blocks (fewer programs) to keep the tests fast.
 _INTERPRETER_BLOCK = 2048
 _SMALL, _LARGE = (1024, 4), (4096, 8)
+# The group kernel runs every member's block in one program, so a program of 1024 elements does
+# members x 1024 elements of work (never fewer than 2048) and a model of small tensors masks
+# little: one block size for every group (one variant, and one more when a member rounds at random).
+_GROUP = _SMALL
+_MEMBER_TABLES = 32  # member tables kept per group (one per distinct set of members' scalars)
 
 
 def _gpu_config(numels: list[int], mode: int = MODE_AVERAGE) -> tuple[int, int]:
@@ -72,12 +78,15 @@ class TritonBackend:
     def _config(self, plan: Plan, mode: int) -> tuple[int, int]:
         return (_INTERPRETER_BLOCK, 4) if plan.device.type == "cpu" else _gpu_config(plan.numels, mode)
 
-    def update(self, plan: Plan, method: Method, n_averaged: torch.Tensor, bump: bool, rounding_seed: int = -1,
-               guard: bool = False, n_skipped: torch.Tensor | None = None, staged: bool = False) -> None:
-        flat_bases, grouped = self._cached(plan)
-        if rounding_seed >= 0 and not grouped:
+    def _check_rounding(self, plan: Plan, rounding_seed: int) -> None:
+        if rounding_seed >= 0 and not self._cached(plan)[1]:
             raise ValueError("triton backend: stochastic rounding needs bf16 shadows at offsets that are "
                              "multiples of 4 elements (ShadowStorage aligns them to 16 bytes)")
+
+    def update(self, plan: Plan, method: Method, n_averaged: torch.Tensor, bump: bool, rounding_seed: int = -1,
+               guard: bool = False, n_skipped: torch.Tensor | None = None, staged: bool = False) -> None:
+        flat_bases, _ = self._cached(plan)
+        self._check_rounding(plan, rounding_seed)
         block, warps = self._config(plan, MODE_AVERAGE)
         if not staged:
             plan.stage()
@@ -85,6 +94,44 @@ class TritonBackend:
             plan.tensor_table(), plan.block_table(block), flat_bases, n_averaged, plan.workspace, method.code,
             method.params, rounding_seed, bump, block, warps, MODE_AVERAGE, guard, n_skipped,
         )
+
+    def can_update_group(self) -> bool:
+        return True
+
+    def update_group(self, group: GroupPlan, methods: list[Method], counters: list[torch.Tensor], flags: list[int],
+                     rounding_seeds: list[int]) -> None:
+        """Every member of ``group`` in one launch of the group kernel (the members' plans staged
+        by the caller); ``flags[k]``: bit 1 bumps member k's counter, bit 2 writes member k."""
+        stochastic = False
+        for plan, flag, seed in zip(group.plans, flags, rounding_seeds):
+            if flag & 2:
+                self._check_rounding(plan, seed)
+                stochastic = stochastic or seed >= 0
+        flat_bases, member_table = self._group_tables(group, methods, counters, flags, rounding_seeds)
+        block, warps = (_INTERPRETER_BLOCK, 4) if group.device.type == "cpu" else _GROUP
+        kernel.launch_group(group.table, group.block_table(block), flat_bases, member_table, group.workspace,
+                            counters, flags, stochastic, block, warps)
+
+    def _group_tables(self, group: GroupPlan, methods, counters, flags, rounding_seeds) -> tuple:
+        """(the group's flat bases, its member table for these scalars) on the group's device. A
+        member table is built once per distinct set of scalars (host values and counter addresses:
+        no device value is read) and kept, so the steady state copies nothing to the device and a
+        captured CUDA graph keeps the table it launched with; past ``_MEMBER_TABLES`` distinct sets
+        (parameters changed every call) each call copies its own."""
+        cache = group.backend_cache.get(self.name)
+        if cache is None:
+            flat_bases = torch.tensor([f.data_ptr() for f in group.flats] or [0], dtype=torch.int64)
+            cache = group.backend_cache[self.name] = (flat_bases.to(group.device), {})
+        flat_bases, tables = cache
+        key = kernel.member_rows([m.code for m in methods], [m.params for m in methods], rounding_seeds, flags,
+                                 counters)
+        table = tables.get(key)
+        if table is None:
+            host = torch.tensor(key, dtype=torch.int64).reshape(len(methods), len(kernel.MEMBER_COLUMNS))
+            table = host.to(group.device, non_blocking=True)
+            if len(tables) < _MEMBER_TABLES:
+                tables[key] = table
+        return flat_bases, table
 
     def check_nonfinite(self, plan: Plan) -> None:
         plan.stage()
@@ -102,8 +149,9 @@ class TritonBackend:
 
 def gpu_variants() -> list[tuple[str, object, tuple, dict]]:
     """(name, kernel, args, kwargs) of one launch per compiled variant a GPU uses: every
-    (MODE, STOCHASTIC, BLOCK, num_warps) the backend can launch, with arguments built by
-    ``kernel.launch_args`` (the launch path itself). Nothing else a launch passes is specialised,
+    (MODE, STOCHASTIC, BLOCK, num_warps) the backend can launch, and the group kernel's
+    STOCHASTIC variants, with arguments built by ``kernel.launch_args`` and
+    ``kernel.launch_group_args`` (the launch paths themselves). Nothing else a launch passes is specialised,
     so these are all the compilations a GPU run can cause. For compiling without a GPU."""
     from ..plan import COLUMNS, MODE_SWAP
 
@@ -120,4 +168,10 @@ def gpu_variants() -> list[tuple[str, object, tuple, dict]]:
         args, kwargs = kernel.launch_args(table, blocks, table[0], n, workspace, 0, (0.999,), seed, mode == MODE_AVERAGE,
                                           block, warps, mode)
         out.append((f"{name}-{block}", kernel._wavg_update_kernel, args, kwargs))
+    members = torch.zeros(2, len(kernel.MEMBER_COLUMNS), dtype=torch.int64)
+    for stochastic, name in [(False, "group"), (True, "group-stochastic")]:
+        blocks = torch.zeros(3, 2, dtype=torch.int64)
+        args, kwargs = kernel.launch_group_args(torch.zeros(2, len(COLUMNS), dtype=torch.int64), blocks, table[0],
+                                                members, workspace, [3, 3], stochastic, *_GROUP)
+        out.append((f"{name}-{_GROUP[0]}", kernel._wavg_group_kernel, args, kwargs))
     return out

@@ -13,6 +13,13 @@ specialised on alignment (the kernel states alignment itself, from the plan's fl
 variants are ``MODE x STOCHASTIC x (BLOCK, num_warps)``, and no value a plan or a step changes
 compiles a new one. ``variants()`` lists them; ``launch_args`` is the one place that turns a
 launch into kernel arguments, used by ``launch`` and by the compile test.
+
+The group kernel (``_wavg_group_kernel``, ``launch_group``) updates several averages of one model
+(``AveragerGroup``) in one launch: each program runs its block for every member in turn, with the
+single kernel's own per-block code (``_decode``, ``_average``), so each member's shadow is bit for
+bit what its single update writes. Its members' scalars are a small int64 table on the device;
+its variants are ``STOCHASTIC`` 0 and 2 (some member rounds at random: each member rounds as
+its seed says, a branch at run time) at one ``(BLOCK, num_warps)``.
 """
 
 from __future__ import annotations
@@ -28,6 +35,9 @@ import triton.language as tl
 _MODEL_PTR, _FLAT, _OFFSET, _NUMEL, _MODEL_DTYPE, _SHADOW_DTYPE, _ROLE, _FLAGS, _ITEMSIZE = (
     tl.constexpr(i) for i in range(9)
 )
+# STOCHASTIC: 0 rounds bf16 shadows to nearest, 1 at random (the single kernel: seed >= 0), 2 as
+# each update's seed says, at run time (the group kernel, whose members may differ)
+_PER_SEED = tl.constexpr(2)
 
 
 @triton.jit
@@ -335,6 +345,53 @@ def _nonfinite(model_addr, start, remaining, aligned, mcode, BLOCK: tl.constexpr
     return found
 
 
+@triton.jit
+def _decode(row, flat_bases_ptr, start, BLOCK: tl.constexpr):
+    # One row of a tensor table (wavg_fused.plan.COLUMNS) for the block at element ``start``.
+    model_addr = tl.load(row + _MODEL_PTR)
+    first = tl.load(row + _OFFSET)
+    numel = tl.load(row + _NUMEL)
+    mcode = tl.load(row + _MODEL_DTYPE)
+    scode = tl.load(row + _SHADOW_DTYPE)
+    copy = tl.load(row + _ROLE) == 0
+    aligned = (tl.load(row + _FLAGS) & 1) != 0
+    itemsize = tl.load(row + _ITEMSIZE)
+    shadow_addr = tl.load(flat_bases_ptr + tl.load(row + _FLAT)) + first * itemsize
+    remaining = tl.minimum(numel - start, BLOCK).to(tl.int32)  # valid elements of this block
+    return model_addr, shadow_addr, first, remaining, mcode, scode, copy, aligned, itemsize
+
+
+@triton.jit
+def _average(shadow_addr, model_addr, first, start, remaining, aligned, copy, mcode, scode, itemsize, method,
+             p0, p1, p2, p3, n, seed, STOCHASTIC: tl.constexpr, BLOCK: tl.constexpr):
+    # One tensor's block of the update: floating types at the method's step weight from ``n``,
+    # integers, bools and other types copied as words.
+    if (mcode <= 3) & (scode <= 3):
+        w = _step_weight(method, p0, p1, p2, p3, n)
+        element0 = first + start
+        if scode == 0:
+            _floating(shadow_addr, model_addr, start, remaining, aligned, w, copy, n, seed, element0, mcode,
+                      tl.float32, STOCHASTIC, BLOCK)
+        elif scode == 1:
+            _floating(shadow_addr, model_addr, start, remaining, aligned, w, copy, n, seed, element0, mcode,
+                      tl.float64, STOCHASTIC, BLOCK)
+        elif scode == 2:
+            _floating(shadow_addr, model_addr, start, remaining, aligned, w, copy, n, seed, element0, mcode,
+                      tl.float16, STOCHASTIC, BLOCK)
+        elif STOCHASTIC == _PER_SEED:  # the group kernel: each member rounds as its seed says
+            if seed >= 0:
+                _floating(shadow_addr, model_addr, start, remaining, aligned, w, copy, n, seed, element0, mcode,
+                          tl.bfloat16, True, BLOCK)
+            else:
+                _floating(shadow_addr, model_addr, start, remaining, aligned, w, copy, n, seed, element0, mcode,
+                          tl.bfloat16, False, BLOCK)
+        else:
+            _floating(shadow_addr, model_addr, start, remaining, aligned, w, copy, n, seed, element0, mcode,
+                      tl.bfloat16, STOCHASTIC, BLOCK)
+    else:
+        _move_words(shadow_addr, model_addr, start, remaining, aligned, itemsize, False, BLOCK)
+
+
 # What a launch does (compile-time MODE): the update, a transfer (copy_to or swap), the check.
 _UPDATE, _TRANSFER, _CHECK = tl.constexpr(0), tl.constexpr(1), tl.constexpr(2)
 _RUNTIME = ["num_blocks", "method", "p0_lo", "p0_hi", "p1_lo", "p1_hi", "p2_lo", "p2_hi", "p3_lo", "p3_hi",
@@ -350,17 +407,8 @@ def _wavg_update_kernel(table_ptr, blocks_ptr, flat_bases_ptr, n_ptr, done_ptr, 
     pid = tl.program_id(0).to(tl.int64)  # int64 before any offset arithmetic
     t = tl.load(blocks_ptr + 2 * pid)
     start = tl.multiple_of(tl.load(blocks_ptr + 2 * pid + 1), BLOCK)  # blocks start at multiples of BLOCK
-    row = table_ptr + t * NCOL
-    model_addr = tl.load(row + _MODEL_PTR)
-    first = tl.load(row + _OFFSET)
-    numel = tl.load(row + _NUMEL)
-    mcode = tl.load(row + _MODEL_DTYPE)
-    scode = tl.load(row + _SHADOW_DTYPE)
-    copy = tl.load(row + _ROLE) == 0
-    aligned = (tl.load(row + _FLAGS) & 1) != 0
-    itemsize = tl.load(row + _ITEMSIZE)
-    shadow_addr = tl.load(flat_bases_ptr + tl.load(row + _FLAT)) + first * itemsize
-    remaining = tl.minimum(numel - start, BLOCK).to(tl.int32)  # valid elements of this block
+    model_addr, shadow_addr, first, remaining, mcode, scode, copy, aligned, itemsize = _decode(
+        table_ptr + t * NCOL, flat_bases_ptr, start, BLOCK)
     flag_ptr = done_ptr + 1  # workspace[1]: the non-finite flag (workspace[0] counts finished programs)
 
     if MODE == _CHECK:  # check only: flag an Inf or NaN among the averaged model values
@@ -375,25 +423,10 @@ def _wavg_update_kernel(table_ptr, blocks_ptr, flat_bases_ptr, n_ptr, done_ptr, 
         skip = (tl.load(flag_ptr) != 0) & (guard != 0)
         if skip:
             pass  # the whole update is skipped: no shadow is written
-        elif (mcode <= 3) & (scode <= 3):
-            w = _step_weight(method, _float64(p0_lo, p0_hi), _float64(p1_lo, p1_hi), _float64(p2_lo, p2_hi),
-                             _float64(p3_lo, p3_hi), n)
-            seed = _int64(seed_lo, seed_hi)
-            element0 = first + start
-            if scode == 0:
-                _floating(shadow_addr, model_addr, start, remaining, aligned, w, copy, n, seed, element0, mcode,
-                          tl.float32, STOCHASTIC, BLOCK)
-            elif scode == 1:
-                _floating(shadow_addr, model_addr, start, remaining, aligned, w, copy, n, seed, element0, mcode,
-                          tl.float64, STOCHASTIC, BLOCK)
-            elif scode == 2:
-                _floating(shadow_addr, model_addr, start, remaining, aligned, w, copy, n, seed, element0, mcode,
-                          tl.float16, STOCHASTIC, BLOCK)
-            else:
-                _floating(shadow_addr, model_addr, start, remaining, aligned, w, copy, n, seed, element0, mcode,
-                          tl.bfloat16, STOCHASTIC, BLOCK)
-        else:  # integers, bools and other types: copied as words
-            _move_words(shadow_addr, model_addr, start, remaining, aligned, itemsize, False, BLOCK)
+        else:
+            _average(shadow_addr, model_addr, first, start, remaining, aligned, copy, mcode, scode, itemsize, method,
+                     _float64(p0_lo, p0_hi), _float64(p1_lo, p1_hi), _float64(p2_lo, p2_hi), _float64(p3_lo, p3_hi),
+                     n, _int64(seed_lo, seed_hi), STOCHASTIC, BLOCK)
 
         if (bump != 0) | (guard != 0):
             finished = tl.atomic_add(done_ptr, 1)  # acq_rel: this program's reads of n and the flag came first
@@ -479,3 +512,99 @@ def launch(table, blocks, flat_bases, n_averaged, workspace, method: int, params
                                block, num_warps, mode, guard, n_skipped)
     with _device_guard(table.device):
         _wavg_update_kernel[(num_blocks,)](*args, **kwargs)
+
+
+# The group update (wavg_fused.group_plan.GroupPlan: several averages of one model in one launch).
+# Member k's scalars are row k of a small int64 table on the device (``member_rows``): its method
+# code, four float64 parameters (their bits), rounding seed, flags (bit 1: bump its counter, bit 2:
+# write it in this launch) and its counter's address.
+MEMBER_COLUMNS = ("method", "p0", "p1", "p2", "p3", "seed", "flags", "counter")
+_M_METHOD, _M_P0, _M_P1, _M_P2, _M_P3, _M_SEED, _M_FLAGS, _M_COUNTER = (
+    tl.constexpr(i) for i in range(len(MEMBER_COLUMNS))
+)
+_GROUP_RUNTIME = ["num_blocks", "members", "bump"]
+_GROUP_POINTERS = ["table_ptr", "blocks_ptr", "flat_bases_ptr", "members_ptr", "done_ptr"]
+
+
+@triton.jit
+def _member_param(member, column):
+    return tl.load(member + column).to(tl.float64, bitcast=True)
+
+
+@triton.jit
+def _member_counter(member):
+    return tl.load(member + _M_COUNTER).to(tl.pointer_type(tl.int64))
+
+
+@triton.jit(do_not_specialize=_GROUP_RUNTIME, do_not_specialize_on_alignment=_GROUP_POINTERS)
+def _wavg_group_kernel(table_ptr, blocks_ptr, flat_bases_ptr, members_ptr, done_ptr, num_blocks, members, bump,
+                       STOCHASTIC: tl.constexpr, BLOCK: tl.constexpr, NCOL: tl.constexpr, MCOL: tl.constexpr):
+    # Program i takes block i of the model's block table and runs it for each member in turn: the
+    # first member reads the model block from memory, the later ones from cache. Each member's
+    # block is exactly what the single update kernel computes for it (``_decode``, ``_average``).
+    pid = tl.program_id(0).to(tl.int64)
+    t = tl.load(blocks_ptr + 2 * pid)
+    start = tl.multiple_of(tl.load(blocks_ptr + 2 * pid + 1), BLOCK)
+    for k in range(0, members):
+        member = members_ptr + k * MCOL
+        row = table_ptr + (t * members + k) * NCOL  # a zero row where member k lacks tensor t
+        if ((tl.load(member + _M_FLAGS) & 2) != 0) & (tl.load(row + _NUMEL) > start):
+            model_addr, shadow_addr, first, remaining, mcode, scode, copy, aligned, itemsize = _decode(
+                row, flat_bases_ptr, start, BLOCK)
+            n = tl.load(_member_counter(member))  # read before this program counts itself done
+            _average(shadow_addr, model_addr, first, start, remaining, aligned, copy, mcode, scode, itemsize,
+                     tl.load(member + _M_METHOD), _member_param(member, _M_P0), _member_param(member, _M_P1),
+                     _member_param(member, _M_P2), _member_param(member, _M_P3), n, tl.load(member + _M_SEED),
+                     STOCHASTIC, BLOCK)
+    if bump != 0:
+        finished = tl.atomic_add(done_ptr, 1)  # acq_rel: every counter this program read came first
+        if finished == num_blocks - 1:  # nobody writes a counter before the last program: read it again
+            for k in range(0, members):
+                member = members_ptr + k * MCOL
+                if (tl.load(member + _M_FLAGS) & 3) == 3:
+                    counter = _member_counter(member)
+                    tl.store(counter, tl.load(counter) + 1)
+            tl.store(done_ptr, 0)  # ready for the next launch and for graph replays
+
+
+def _bits(value: float) -> int:
+    return struct.unpack("<q", struct.pack("<d", value))[0]
+
+
+def member_rows(methods, params, seeds, flags, counters) -> tuple[int, ...]:
+    """The group kernel's member table, flattened (``len(MEMBER_COLUMNS)`` int64 per member):
+    host values only (``counters`` are tensors: their addresses, never their values)."""
+    out: tuple[int, ...] = ()
+    for method, values, seed, flag, counter in zip(methods, params, seeds, flags, counters):
+        assert len(values) <= MAX_PARAMS
+        values = tuple(values) + (0.0,) * (MAX_PARAMS - len(values))
+        out += (int(method), *(_bits(v) for v in values), int(seed), int(flag), counter.data_ptr())
+    return out
+
+
+def launch_group_args(table, blocks, flat_bases, member_table, workspace, flags, stochastic: bool, block: int,
+                      num_warps: int) -> tuple[tuple, dict]:
+    """The arguments ``launch_group`` passes to ``_wavg_group_kernel`` (what the compile test compiles)."""
+    members = member_table.shape[0]
+    num_blocks = blocks.shape[0]
+    assert num_blocks < 2**31 and table.shape[0] == (table.shape[0] // members) * members
+    bump = int(any(flag & 3 == 3 for flag in flags))
+    args = (table, blocks, flat_bases, member_table, workspace, num_blocks, members, bump)
+    return args, dict(STOCHASTIC=2 if stochastic else 0, BLOCK=block, NCOL=table.shape[1], MCOL=member_table.shape[1],
+                      num_warps=num_warps)
+
+
+def launch_group(table, blocks, flat_bases, member_table, workspace, counters, flags, stochastic: bool, block: int,
+                 num_warps: int) -> None:
+    """Run ``_wavg_group_kernel`` once over a group's tables (``blocks`` built for ``block``
+    elements): member k's row of ``member_table`` as ``member_rows`` builds it, ``counters`` and
+    ``flags`` the same ones it holds (``stochastic``: some member rounds at random)."""
+    if blocks.shape[0] == 0:
+        for counter, flag in zip(counters, flags):
+            if flag & 3 == 3:
+                counter.add_(1)
+        return
+    args, kwargs = launch_group_args(table, blocks, flat_bases, member_table, workspace, flags, stochastic, block,
+                                     num_warps)
+    with _device_guard(table.device):
+        _wavg_group_kernel[(blocks.shape[0],)](*args, **kwargs)

@@ -19,9 +19,9 @@ import os
 import sys
 import time
 
-SCENARIOS = ("update", "guarded", "stochastic", "copy_to", "swap", "swap_backup")
+SCENARIOS = ("update", "guarded", "stochastic", "copy_to", "swap", "swap_backup", "group", "group_stochastic")
 # Tensor sizes that select each block size the update can use (triton_backend._gpu_config:
-# 1024 up to 2048-element tensors, 4096 above); transfers and the check use one.
+# 1024 up to 2048-element tensors, 4096 above); transfers, the check and the group kernel use one.
 SIZES = (1000, 100_000)
 
 
@@ -40,12 +40,20 @@ def run_scenario(scenario: str, numel: int, device: str) -> str:
 
     import wavg_fused as wf
 
-    dtype = torch.bfloat16 if scenario in ("stochastic", "swap_backup") else torch.float32
+    dtype = torch.bfloat16 if scenario in ("stochastic", "swap_backup", "group_stochastic") else torch.float32
     model = _model(numel, dtype).to(device)
     kwargs = {"skip_nonfinite": scenario == "guarded", "stochastic_rounding": scenario == "stochastic"}
     if scenario == "swap_backup":
         kwargs["dtype"] = torch.float32  # an fp32 average of a bf16 model swaps in through a backup
     start = time.perf_counter()
+    if scenario.startswith("group"):  # AveragerGroup's one launch for every member
+        group = wf.AveragerGroup(model, {"a": wf.EMA(0.9), "b": wf.SWA()}, backend="triton",
+                                 stochastic_rounding=scenario == "group_stochastic")
+        group.update(model)
+        group.update(model)
+        if device == "cuda":
+            torch.cuda.synchronize()
+        return f"{scenario} numel={numel}: {time.perf_counter() - start:.1f} s"
     avg = wf.Averager(model, wf.EMA(0.9), backend="triton", **kwargs)
     avg.update(model)
     avg.update(model)
