@@ -3,8 +3,8 @@ power-EMA profiles of post-hoc EMA) updated in one pass that reads each model te
 
 Each member is a full ``Averager`` (``group["fast"]``: its module, forward, state dict, swapping);
 the members share one engine (``wavg_fused.engine``), whose ``launch_group`` runs one kernel over
-all of them where the backend has one (``cpu``, ``cuda``, ``cuda-emulated``) and one update per
-member elsewhere (``triton``, ``torch``), with the same results either way.
+all of them where the backend has one (``cpu``, ``cuda``, ``triton``, ``cuda-emulated``) and one
+update per member elsewhere (``torch``, a model spread over devices), with the same results.
 """
 
 from __future__ import annotations
