@@ -545,7 +545,9 @@ def _wavg_group_kernel(table_ptr, blocks_ptr, flat_bases_ptr, members_ptr, done_
     pid = tl.program_id(0).to(tl.int64)
     t = tl.load(blocks_ptr + 2 * pid)
     start = tl.multiple_of(tl.load(blocks_ptr + 2 * pid + 1), BLOCK)
-    for k in range(0, members):
+    # while, not `for k in range(members)`: triton 3.6's interpreter cannot take a runtime bound there
+    k = 0
+    while k < members:
         member = members_ptr + k * MCOL
         row = table_ptr + (t * members + k) * NCOL  # a zero row where member k lacks tensor t
         if ((tl.load(member + _M_FLAGS) & 2) != 0) & (tl.load(row + _NUMEL) > start):
@@ -556,14 +558,17 @@ def _wavg_group_kernel(table_ptr, blocks_ptr, flat_bases_ptr, members_ptr, done_
                      tl.load(member + _M_METHOD), _member_param(member, _M_P0), _member_param(member, _M_P1),
                      _member_param(member, _M_P2), _member_param(member, _M_P3), n, tl.load(member + _M_SEED),
                      STOCHASTIC, BLOCK)
+        k += 1
     if bump != 0:
         finished = tl.atomic_add(done_ptr, 1)  # acq_rel: every counter this program read came first
         if finished == num_blocks - 1:  # nobody writes a counter before the last program: read it again
-            for k in range(0, members):
-                member = members_ptr + k * MCOL
+            j = 0
+            while j < members:
+                member = members_ptr + j * MCOL
                 if (tl.load(member + _M_FLAGS) & 3) == 3:
                     counter = _member_counter(member)
                     tl.store(counter, tl.load(counter) + 1)
+                j += 1
             tl.store(done_ptr, 0)  # ready for the next launch and for graph replays
 
 
