@@ -121,7 +121,8 @@ class Engine:
         self._runs: list[list[Run]] | None = None
         self._sharded = False
         self._model_flags: list[bool] | None = None  # the model's requires_grad when last planned
-        self._group: GroupPlan | None = None  # the merged tables of the current plans, made at first use
+        # (the runs it was decided for, their merged tables or None): made at the first group launch
+        self._group: tuple[Sequence[Sequence[Run]], GroupPlan | None] | None = None
 
     def __getstate__(self) -> dict:
         state = self.__dict__.copy()
@@ -223,7 +224,14 @@ class Engine:
             runs[0][0].mark_stream()
 
     def _group_plan(self, every_runs: Sequence[Sequence[Run]], steps: Sequence[MemberStep]) -> GroupPlan | None:
-        """The merged tables for one launch, or ``None`` when the shadows cannot share one."""
+        """The merged tables for one launch, or ``None`` when the shadows cannot share one: decided
+        once per set of plans (``_refresh`` and ``forget`` drop it), not every update."""
+        if self._group is None or self._group[0] is not every_runs:
+            self._group = (every_runs, self._merged(every_runs, steps))
+        return self._group[1]
+
+    @staticmethod
+    def _merged(every_runs: Sequence[Sequence[Run]], steps: Sequence[MemberStep]) -> GroupPlan | None:
         if not 1 < len(every_runs) <= MAX_MEMBERS or any(len(runs) != 1 for runs in every_runs):
             return None
         plans = [runs[0][0] for runs in every_runs]
@@ -233,9 +241,7 @@ class Engine:
         if any(plan.device != plans[0].device or step.n_averaged.device != plan.device
                for plan, step in zip(plans, steps)) or sum(len(plan.flats) for plan in plans) > MAX_FLATS:
             return None
-        if self._group is None or any(a is not b for a, b in zip(self._group.plans, plans)):
-            self._group = GroupPlan(plans)
-        return self._group
+        return GroupPlan(plans)
 
     # ------------------------------------------------------------------ the slow path
     def _refresh(self, model: nn.Module) -> None:

@@ -100,28 +100,19 @@ def update_group_(
     >>> int(group["fast"].n_averaged), int(group["slow"].n_averaged)
     (1, 1)
     """
-    torch.ops.wavg_fused.update_group_.default(
-        list(flats), table, blocks, list(counters), workspace, list(methods), list(params), list(flags),
-        list(rounding_seeds),
-    )
+    _call_group(torch.ops.wavg_fused.update_group_.default, flats, table, blocks, counters, workspace, methods, params,
+                flags, rounding_seeds)
 
 
-def update_group_emulated_(
-    flats: Sequence[torch.Tensor],
-    table: torch.Tensor,
-    blocks: torch.Tensor,
-    counters: Sequence[torch.Tensor],
-    workspace: torch.Tensor,
-    methods: Sequence[int],
-    params: Sequence[float],
-    flags: Sequence[int],
-    rounding_seeds: Sequence[int],
-) -> None:
-    """``update_group_`` run by the CUDA kernels' code on the CPU (the ``cuda-emulated`` backend)."""
-    torch.ops.wavg_fused.update_group_emulated_.default(
-        list(flats), table, blocks, list(counters), workspace, list(methods), list(params), list(flags),
-        list(rounding_seeds),
-    )
+def update_group_emulated_(*args, **kwargs) -> None:
+    """``update_group_`` (same arguments) run by the CUDA kernels' code on the CPU (the
+    ``cuda-emulated`` backend)."""
+    _call_group(torch.ops.wavg_fused.update_group_emulated_.default, *args, **kwargs)
+
+
+def _call_group(op, flats, table, blocks, counters, workspace, methods, params, flags, rounding_seeds) -> None:
+    op(list(flats), table, blocks, list(counters), workspace, list(methods), list(params), list(flags),
+       list(rounding_seeds))
 
 
 def _update_fake(
