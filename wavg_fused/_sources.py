@@ -35,6 +35,7 @@ __all__ = [
 CPU_SOURCES: tuple[str, ...] = (
     "wavg_fused.cpp",
     "module.cpp",
+    "address_watch.cpp",
     "cpu/update_cpu.cpp",
     "cpu/update_group_cpu.cpp",
     "cuda/update_emulated.cpp",  # the CUDA kernels' code on the CPU (host compiler, always built)

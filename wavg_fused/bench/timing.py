@@ -1,10 +1,14 @@
 """How the benchmark measures: interleaved medians, device events, launch counts, copy bandwidth.
 
 Peers run round-robin within each repeat, so slow drift on the machine (frequency, other
-processes) hits all of them alike instead of whichever happened to run last. On a GPU each sample
-is timed with CUDA events after the L2 cache was overwritten, so a model smaller than the cache is
-read from device memory as it would be after a training step, not from the previous sample's
-cache lines.
+processes) hits all of them alike instead of whichever happened to run last. Each sample follows
+the same untimed ``before`` step, so that no peer is timed in the state another peer left: on a
+CPU a peer after a long serial one found the thread pool asleep and its caches cold, one after a
+parallel one found them warm (the guarded update, which does strictly more, measured faster than
+the plain one right before it). The CLI's ``before`` stands in for the optimizer step that comes
+before an update in training (``optimizer_step_stand_in``). On a GPU each sample is timed with
+CUDA events after the L2 cache was overwritten, so a model smaller than the cache is read from
+device memory as it would be after a training step, not from the previous sample's cache lines.
 """
 
 from __future__ import annotations
@@ -19,7 +23,8 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
-__all__ = ["Samples", "percentile", "time_round_robin", "count_launches", "copy_bandwidth", "model_bytes"]
+__all__ = ["Samples", "percentile", "time_round_robin", "optimizer_step_stand_in", "count_launches", "copy_bandwidth",
+           "model_bytes"]
 
 _L2_FLUSH_BYTES = 256 << 20  # larger than any current GPU's L2 (H100: 50 MB, B200: 126 MB)
 
@@ -46,14 +51,39 @@ def percentile(values: Sequence[float], q: float) -> float:
     return ordered[low] + (ordered[high] - ordered[low]) * (position - low)
 
 
+def optimizer_step_stand_in(model: nn.Module) -> Callable[[], None]:
+    """What an optimizer step does to the machine before an update, without changing the model:
+    every parameter written in place (``_foreach_mul_`` by 1, exact in every dtype), with torch's
+    own per-tensor threading, so the update finds the model's bytes and the thread pool as a
+    training loop leaves them.
+
+    >>> import torch
+    >>> lin = torch.nn.Linear(2, 2)
+    >>> before = lin.weight.detach().clone()
+    >>> optimizer_step_stand_in(lin)()
+    >>> torch.equal(lin.weight, before)
+    True
+    """
+    params = [p for p in model.parameters()]
+
+    @torch.no_grad()
+    def step() -> None:
+        torch._foreach_mul_(params, 1.0)
+
+    return step
+
+
 def time_round_robin(steps: Sequence[Callable[[], None]], repeats: int, cuda: bool,
-                     tick: Callable[[], None] | None = None) -> list[Samples]:
-    """Time each of ``steps`` ``repeats`` times, interleaved, rotating which one goes first."""
+                     tick: Callable[[], None] | None = None, before: Callable[[], None] | None = None) -> list[Samples]:
+    """Time each of ``steps`` ``repeats`` times, interleaved, rotating which one goes first;
+    ``before`` (untimed) runs before every sample."""
     samples = [Samples() for _ in steps]
     flush = torch.empty(_L2_FLUSH_BYTES // 4, device="cuda") if cuda else None
     for r in range(repeats):
         for k in range(len(steps)):
             i = (r + k) % len(steps)
+            if before is not None:
+                before()
             if cuda:
                 flush.fill_(float(r + k))  # write, not read: evicts the L2 without timing zeros
                 start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)

@@ -1,0 +1,265 @@
+// The address watch's walk (wavg_fused/watch.py), the host work of every update: is each watched
+// slot -- a (module dict, key) pair holding a parameter, a buffer or a submodule -- still holding
+// what it held when the plans were built, at the same address and with the same view?
+//
+// watch_record(tables, keys) -> capsule records every slot once per plan; watch_first_moved(capsule)
+// -> int is the per-update check. Why it is shaped this way (2,000 small tensors cost 40 ns a slot
+// through dict lookups and generic tensor accessors, most of it cache and TLB misses):
+//  * a dict is looked up again only if it was mutated since recording (CPython's dict version
+//    tag, PEP 509, changes on every mutation); a module's slots then cost nothing beyond one load.
+//    Where the tag is gone (CPython 3.14+, free-threaded builds) every slot is looked up.
+//  * an entry still holding the recorded object is known to be that object: no type check, no
+//    refcount traffic. Its tensor is still read through the object, since `p.data = ...` and
+//    torch.utils.swap_tensors change what the same Python object holds.
+//  * the objects a slot's check reads were recorded too, so they are prefetched from the record,
+//    several slots ahead, without a chain of dependent loads; the check itself never trusts them.
+// A tensor counts as unmoved when its data address, dtype, sizes, strides and requires_grad are
+// as recorded (`p.data = p.data.t()` keeps the address and must count); a DTensor (an object with
+// a `_local_tensor`) by its local tensor, where its bytes are; anything else (a submodule) by
+// identity. An entry holding another object that matches by those rules counts as unmoved, as
+// the walk in Python has it.
+#include <Python.h>
+#include <ATen/Parallel.h>
+#include <c10/core/TensorImpl.h>
+#include <torch/csrc/Exceptions.h>
+#include <torch/csrc/autograd/python_variable.h>
+
+#include <algorithm>
+#include <atomic>
+#include <cstdint>
+#include <memory>
+#include <vector>
+
+#include "address_watch.h"
+
+namespace {
+
+#if PY_VERSION_HEX < 0x030E0000 && !defined(Py_GIL_DISABLED)
+#define WAVG_DICT_VERSIONS 1
+uint64_t dict_version(PyObject* dict) {
+#pragma GCC diagnostic push
+#pragma GCC diagnostic ignored "-Wdeprecated-declarations"
+  return reinterpret_cast<PyDictObject*>(dict)->ma_version_tag;
+#pragma GCC diagnostic pop
+}
+#else
+#define WAVG_DICT_VERSIONS 0
+uint64_t dict_version(PyObject*) { return 0; }
+#endif
+
+enum class Kind : int8_t { kIdentity, kTensor, kDTensor };
+
+struct ExpectedTensor {
+  int64_t address = 0;
+  int64_t ndim = 0;
+  size_t dims = 0;  // index of sizes then strides in Record::dims
+  int16_t dtype = 0;
+  bool requires_grad = false;
+};
+
+struct WatchedSlot {
+  PyObject* table;  // the three are strong references, released with the record
+  PyObject* key;
+  PyObject* value;
+  size_t dict;  // index in Record::dicts
+  Kind kind;
+  ExpectedTensor expected;
+  const void* hints[4];  // object, TensorImpl, StorageImpl, autograd meta as recorded: prefetched only
+};
+
+struct WatchedDict {
+  PyObject* dict;  // borrowed: a slot holds it
+  uint64_t version;
+};
+
+struct Record {
+  std::vector<WatchedSlot> slots;
+  std::vector<WatchedDict> dicts;
+  std::vector<int64_t> dims;
+
+  ~Record() {
+    for (const WatchedSlot& slot : slots) {
+      Py_DECREF(slot.table);
+      Py_DECREF(slot.key);
+      Py_DECREF(slot.value);
+    }
+  }
+};
+
+constexpr const char* kCapsuleName = "wavg_fused.address_watch";
+constexpr size_t kAhead = 8;  // slots between a prefetch and the check that reads it
+constexpr int64_t kSlotsPerThread = 1024;  // fewer slots are checked on the calling thread
+
+// The DTensor's local tensor (a new reference), nullptr (no error set) if `value` is none
+PyObject* local_tensor(PyObject* value) {
+  static PyObject* const name = PyUnicode_InternFromString("_local_tensor");
+  PyObject* local = PyObject_GetAttr(value, name);
+  if (local == nullptr) {
+    PyErr_Clear();
+    return nullptr;
+  }
+  if (!THPVariable_Check(local)) {
+    Py_DECREF(local);
+    return nullptr;
+  }
+  return local;
+}
+
+// What data_ptr() gives, without its virtual storage check (a wrapper subclass's empty storage,
+// as a DTensor's own, gives 0)
+int64_t data_address(const c10::TensorImpl* impl) {
+  const c10::Storage& storage = impl->unsafe_storage();
+  if (!storage || impl->numel() == 0) return 0;
+  const char* data = static_cast<const char*>(storage.unsafeGetStorageImpl()->data());
+  return reinterpret_cast<int64_t>(data + impl->dtype().itemsize() * impl->storage_offset());
+}
+
+bool tensor_as_recorded(const c10::TensorImpl* impl, const ExpectedTensor& want, const int64_t* dims) {
+  const c10::IntArrayRef sizes = impl->sizes();
+  if (static_cast<int64_t>(sizes.size()) != want.ndim) return false;
+  const c10::IntArrayRef strides = impl->strides();
+  for (int64_t d = 0; d < want.ndim; ++d) {
+    if (sizes[d] != dims[d] || strides[d] != dims[want.ndim + d]) return false;
+  }
+  return static_cast<int16_t>(c10::typeMetaToScalarType(impl->dtype())) == want.dtype &&
+         data_address(impl) == want.address && impl->requires_grad() == want.requires_grad;
+}
+
+// Whether `value` (a slot's entry now) matches the slot as recorded; `same_object` when it is the
+// recorded object itself, whose type needs no check.
+bool slot_as_recorded(const Record& record, const WatchedSlot& slot, PyObject* value, bool same_object) {
+  switch (slot.kind) {
+    case Kind::kIdentity:
+      return same_object;
+    case Kind::kTensor:
+      if (!same_object && !THPVariable_Check(value)) return false;
+      return tensor_as_recorded(THPVariable_Unpack(value).unsafeGetTensorImpl(), slot.expected,
+                                record.dims.data() + slot.expected.dims);
+    case Kind::kDTensor: {
+      PyObject* local = local_tensor(value);
+      if (local == nullptr) return false;
+      const bool same = tensor_as_recorded(THPVariable_Unpack(local).unsafeGetTensorImpl(), slot.expected,
+                                           record.dims.data() + slot.expected.dims);
+      Py_DECREF(local);
+      return same;
+    }
+  }
+  return false;
+}
+
+void prefetch(const WatchedSlot& slot) {
+  for (const void* hint : slot.hints) {
+    if (hint != nullptr) __builtin_prefetch(hint);
+  }
+  // a TensorImpl's sizes, strides, offset and dtype span its next two cache lines
+  if (slot.hints[1] != nullptr) {
+    __builtin_prefetch(static_cast<const char*>(slot.hints[1]) + 64);
+    __builtin_prefetch(static_cast<const char*>(slot.hints[1]) + 128);
+  }
+}
+
+void record_tensor(Record& record, WatchedSlot& slot, const c10::TensorImpl* impl) {
+  ExpectedTensor& want = slot.expected;
+  want.address = data_address(impl);
+  want.dtype = static_cast<int16_t>(c10::typeMetaToScalarType(impl->dtype()));
+  want.ndim = impl->dim();
+  want.requires_grad = impl->requires_grad();
+  want.dims = record.dims.size();
+  for (const int64_t size : impl->sizes()) record.dims.push_back(size);
+  for (const int64_t stride : impl->strides()) record.dims.push_back(stride);
+  slot.hints[1] = impl;
+  slot.hints[2] = impl->unsafe_storage().unsafeGetStorageImpl();
+  slot.hints[3] = impl->autograd_meta();
+}
+
+void release_record(PyObject* capsule) {
+  delete static_cast<Record*>(PyCapsule_GetPointer(capsule, kCapsuleName));
+}
+
+}  // namespace
+
+namespace wavg_fused {
+
+PyObject* watch_record(PyObject* /*self*/, PyObject* args) {
+  HANDLE_TH_ERRORS
+  PyObject *tables = nullptr, *keys = nullptr;
+  if (!PyArg_ParseTuple(args, "O!O!", &PyList_Type, &tables, &PyList_Type, &keys)) return nullptr;
+  const Py_ssize_t count = PyList_GET_SIZE(tables);
+  TORCH_CHECK(PyList_GET_SIZE(keys) == count, "watch_record: one key per table");
+  auto record = std::make_unique<Record>();
+  record->slots.reserve(count);
+  for (Py_ssize_t i = 0; i < count; ++i) {
+    PyObject* table = PyList_GET_ITEM(tables, i);
+    PyObject* key = PyList_GET_ITEM(keys, i);
+    TORCH_CHECK(PyDict_Check(table), "watch_record: slot ", i, " is not in a dict");
+    PyObject* value = PyDict_GetItemWithError(table, key);
+    if (value == nullptr && PyErr_Occurred()) return nullptr;
+    TORCH_CHECK(value != nullptr, "watch_record: slot ", i, " is empty");
+    if (record->dicts.empty() || record->dicts.back().dict != table) {
+      record->dicts.push_back({table, dict_version(table)});
+    }
+    Py_INCREF(table);
+    Py_INCREF(key);
+    Py_INCREF(value);
+    WatchedSlot slot{table, key, value, record->dicts.size() - 1, Kind::kIdentity, {}, {value, nullptr, nullptr, nullptr}};
+    record->slots.push_back(slot);  // owns the references from here on
+    WatchedSlot& kept = record->slots.back();
+    if (THPVariable_Check(value)) {
+      PyObject* local = local_tensor(value);
+      kept.kind = local != nullptr ? Kind::kDTensor : Kind::kTensor;
+      record_tensor(*record, kept, THPVariable_Unpack(local != nullptr ? local : value).unsafeGetTensorImpl());
+      Py_XDECREF(local);  // the DTensor keeps its local tensor alive
+    }
+  }
+  return PyCapsule_New(record.release(), kCapsuleName, release_record);
+  END_HANDLE_TH_ERRORS
+}
+
+PyObject* watch_first_moved(PyObject* /*self*/, PyObject* capsule) {
+  HANDLE_TH_ERRORS
+  auto* record = static_cast<Record*>(PyCapsule_GetPointer(capsule, kCapsuleName));
+  if (record == nullptr) return nullptr;
+  // which dicts were mutated since recording: their slots are looked up again
+  std::vector<char> mutated(record->dicts.size(), !WAVG_DICT_VERSIONS);
+  if (WAVG_DICT_VERSIONS) {
+    for (size_t d = 0; d < record->dicts.size(); ++d) {
+      mutated[d] = dict_version(record->dicts[d].dict) != record->dicts[d].version;
+    }
+  }
+  const int64_t count = static_cast<int64_t>(record->slots.size());
+  // Slots whose entry is known to be the recorded object and needs no Python (a plain tensor in
+  // an unmutated dict) are checked in parallel: the walk is bound by how many cache misses are in
+  // flight at once, and each thread adds its own. It reads C++ fields of objects the record keeps
+  // alive while this thread holds the GIL and waits; nothing calls into Python.
+  auto needs_python = [&](const WatchedSlot& slot) { return mutated[slot.dict] || slot.kind != Kind::kTensor; };
+  std::atomic<int64_t> first{count};
+  at::parallel_for(0, count, kSlotsPerThread, [&](int64_t begin, int64_t end) {
+    for (int64_t i = begin; i < std::min(begin + static_cast<int64_t>(kAhead), end); ++i) prefetch(record->slots[i]);
+    for (int64_t i = begin; i < end; ++i) {
+      if (i + static_cast<int64_t>(kAhead) < end) prefetch(record->slots[i + kAhead]);
+      const WatchedSlot& slot = record->slots[i];
+      if (needs_python(slot) || slot_as_recorded(*record, slot, slot.value, true)) continue;
+      int64_t seen = first.load();
+      while (i < seen && !first.compare_exchange_weak(seen, i)) {
+      }
+      return;
+    }
+  });
+  // then, in order, the slots that need Python (a lookup, a DTensor's local tensor), up to the first moved
+  const int64_t moved = first.load();
+  for (int64_t i = 0; i < moved; ++i) {
+    const WatchedSlot& slot = record->slots[i];
+    if (!needs_python(slot)) continue;
+    PyObject* value = slot.value;
+    if (mutated[slot.dict]) {
+      value = PyDict_GetItemWithError(slot.table, slot.key);
+      if (value == nullptr && PyErr_Occurred()) return nullptr;
+      if (value == nullptr) return PyLong_FromLongLong(i);
+    }
+    if (!slot_as_recorded(*record, slot, value, value == slot.value)) return PyLong_FromLongLong(i);
+  }
+  return PyLong_FromLongLong(moved < count ? moved : -1);
+  END_HANDLE_TH_ERRORS
+}
+
+}  // namespace wavg_fused
