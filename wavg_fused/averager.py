@@ -227,7 +227,7 @@ class Averager(CheckpointMethods, SwapMethods, nn.Module):
             self._launch(runs, tracking)
             if self.skip_nonfinite:
                 self._skip_watch.after_update(self.n_skipped, self.n_averaged, lambda: first_nonfinite(runs))
-        self._calls += 1
+        self.__dict__["_calls"] = self._calls + 1  # an int: nn.Module.__setattr__ would only end up here
         if action is Action.AVERAGE and self.write_back_every:
             if self.schedule.averaging_calls(self._calls) % self.write_back_every == 0:
                 _swap.copy_into_model(runs)

@@ -21,7 +21,7 @@ def de_parallel(model: nn.Module) -> nn.Module:
     while True:
         if isinstance(model, (nn.DataParallel, nn.parallel.DistributedDataParallel)):
             model = model.module
-        elif hasattr(model, "_orig_mod") and isinstance(model._orig_mod, nn.Module):  # torch.compile
-            model = model._orig_mod
+        elif isinstance(inner := model._modules.get("_orig_mod"), nn.Module):
+            model = inner  # torch.compile's wrapper registers the module as a child (hasattr raised through __getattr__)
         else:
             return model

@@ -9,6 +9,7 @@ block on the CPU over the tables the ``cuda`` backend uses.
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable
 
 import torch
@@ -57,6 +58,23 @@ class _FusedBackend:
             guard,
             n_skipped,
         )
+
+    def bound_update(self, plan: Plan, method: Method, n_averaged: torch.Tensor,
+                     rounding_seed: int = -1) -> Callable[[], None]:
+        """``update(plan, method, n_averaged, bump=True, rounding_seed)`` of a plan with nothing to
+        stage, as a call with its arguments bound (``Engine.launch`` keeps it while they hold)."""
+        launch = functools.partial(
+            self._launch, plan.flats, plan.tensor_table(), plan.block_table(self.block_elems), n_averaged,
+            plan.workspace, method.code, list(method.params), True, rounding_seed, MODE_AVERAGE, False, None,
+        )
+        if plan.device.type != "cuda":
+            return launch
+
+        def launch_and_mark() -> None:
+            launch()
+            plan.mark_stream()
+
+        return launch_and_mark
 
     def can_update_group(self) -> bool:
         """Whether the extension has this backend's group op (one built before it does not)."""
