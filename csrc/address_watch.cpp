@@ -70,12 +70,14 @@ struct WatchedSlot {
 struct WatchedDict {
   PyObject* dict;  // borrowed: a slot holds it
   uint64_t version;
+  size_t begin, end;  // the run of slots it holds
 };
 
 struct Record {
   std::vector<WatchedSlot> slots;
   std::vector<WatchedDict> dicts;
   std::vector<int64_t> dims;
+  std::vector<size_t> python_slots;  // ascending: DTensors and submodules, whose check needs Python
 
   ~Record() {
     for (const WatchedSlot& slot : slots) {
@@ -196,8 +198,9 @@ PyObject* watch_record(PyObject* /*self*/, PyObject* args) {
     if (value == nullptr && PyErr_Occurred()) return nullptr;
     TORCH_CHECK(value != nullptr, "watch_record: slot ", i, " is empty");
     if (record->dicts.empty() || record->dicts.back().dict != table) {
-      record->dicts.push_back({table, dict_version(table)});
+      record->dicts.push_back({table, dict_version(table), static_cast<size_t>(i), static_cast<size_t>(i)});
     }
+    record->dicts.back().end = static_cast<size_t>(i) + 1;
     Py_INCREF(table);
     Py_INCREF(key);
     Py_INCREF(value);
@@ -210,6 +213,7 @@ PyObject* watch_record(PyObject* /*self*/, PyObject* args) {
       record_tensor(*record, kept, THPVariable_Unpack(local != nullptr ? local : value).unsafeGetTensorImpl());
       Py_XDECREF(local);  // the DTensor keeps its local tensor alive
     }
+    if (kept.kind != Kind::kTensor) record->python_slots.push_back(static_cast<size_t>(i));
   }
   return PyCapsule_New(record.release(), kCapsuleName, release_record);
   END_HANDLE_TH_ERRORS
@@ -245,18 +249,30 @@ PyObject* watch_first_moved(PyObject* /*self*/, PyObject* capsule) {
       return;
     }
   });
-  // then, in order, the slots that need Python (a lookup, a DTensor's local tensor), up to the first moved
-  const int64_t moved = first.load();
-  for (int64_t i = 0; i < moved; ++i) {
-    const WatchedSlot& slot = record->slots[i];
-    if (!needs_python(slot)) continue;
-    PyObject* value = slot.value;
-    if (mutated[slot.dict]) {
-      value = PyDict_GetItemWithError(slot.table, slot.key);
+  // then the slots that need Python, below the first moved so far: a mutated dict's, looked up
+  // again, and the DTensors and submodules of the others
+  int64_t moved = first.load();
+  for (const WatchedDict& dict : record->dicts) {
+    if (!mutated[&dict - record->dicts.data()]) continue;
+    const int64_t end = std::min(static_cast<int64_t>(dict.end), moved);
+    for (int64_t i = static_cast<int64_t>(dict.begin); i < end; ++i) {
+      const WatchedSlot& slot = record->slots[i];
+      PyObject* value = PyDict_GetItemWithError(slot.table, slot.key);
       if (value == nullptr && PyErr_Occurred()) return nullptr;
-      if (value == nullptr) return PyLong_FromLongLong(i);
+      if (value == nullptr || !slot_as_recorded(*record, slot, value, value == slot.value)) {
+        moved = i;
+        break;
+      }
     }
-    if (!slot_as_recorded(*record, slot, value, value == slot.value)) return PyLong_FromLongLong(i);
+  }
+  for (const size_t i : record->python_slots) {
+    if (static_cast<int64_t>(i) >= moved) break;
+    const WatchedSlot& slot = record->slots[i];
+    if (mutated[slot.dict]) continue;  // looked up above
+    if (!slot_as_recorded(*record, slot, slot.value, true)) {
+      moved = static_cast<int64_t>(i);
+      break;
+    }
   }
   return PyLong_FromLongLong(moved < count ? moved : -1);
   END_HANDLE_TH_ERRORS
