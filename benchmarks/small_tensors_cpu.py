@@ -6,6 +6,7 @@ Every peer runs after the same untimed *condition*, round robin within each repe
 peer goes first), so drift on a shared machine hits all alike:
 
 hot       back to back: the same peer once more, untimed, just before (caches and threads warm)
+standin   the CLI's condition: ``timing.optimizer_step_stand_in`` (an exact ``_foreach_mul_`` by 1)
 optstep   an SGD-like step first, ``torch._foreach_add_(params, grads, alpha=-1e-7)``: per-tensor
           serial work of a few ms, as an optimizer step on a many-tensor model (threads idle)
 evict     a 64 MB ``fill_`` first: the update's bytes come from memory; the fill itself is a
@@ -35,11 +36,11 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import wavg_fused as wf  # noqa: E402
-from wavg_fused.bench.timing import percentile  # noqa: E402
+from wavg_fused.bench.timing import optimizer_step_stand_in, percentile  # noqa: E402
 from wavg_fused.bench.zoo import build  # noqa: E402
 from wavg_fused.plan import MODE_AVERAGE  # noqa: E402
 
-CONDITIONS = ["hot", "optstep", "evict", "idle"]
+CONDITIONS = ["hot", "standin", "optstep", "evict", "idle"]
 
 
 @torch.no_grad()
@@ -70,6 +71,7 @@ def main() -> None:
     flat_out, flat_src = torch.linspace(0.5, 1.5, numel), torch.linspace(1.5, 0.5, numel)
     tiny_out, tiny_src = torch.ones(65536), torch.ones(65536)
     evict = torch.empty(64 << 18)  # 64 MB
+    stand_in = optimizer_step_stand_in(model)
 
     def op() -> None:
         torch.ops.wavg_fused.update_(plan.flats, table, blocks, counter, plan.workspace, method.code,
@@ -94,6 +96,8 @@ def main() -> None:
     def before(condition: str, step) -> None:
         if condition == "hot":
             step()
+        elif condition == "standin":
+            stand_in()
         elif condition == "optstep":
             torch._foreach_add_(params, grads, alpha=-1e-7)
         elif condition == "evict":

@@ -114,3 +114,19 @@ def test_record_refuses_a_slot_that_is_not_in_a_dict():
         pytest.skip("the compiled extension is not built")
     with pytest.raises(RuntimeError, match="slot 0 is not in a dict"):
         watch_module._record([[torch.zeros(1)]], [0])
+
+
+def test_an_average_flag_is_not_watched_but_its_memory_is(walk):
+    """``flagless_slots`` (the engine's own shadows) are watched by address and view only: the plans
+    follow the model's ``requires_grad`` onto the average, never the average's own flag."""
+    model, shadow = many_tensors(8), many_tensors(8)
+    slots, shadow_slots = TensorSlots.of(model), TensorSlots.of(shadow)
+    watch = AddressWatch(slots.slots, slots.modules, flagless_slots=shadow_slots.slots)
+    shadow.params[2].requires_grad_(False)
+    assert not watch.moved()
+    model.params[2].requires_grad_(False)
+    assert watch.moved()
+    watch = AddressWatch(slots.slots, slots.modules, flagless_slots=shadow_slots.slots)
+    with torch.no_grad():
+        shadow.params[3].data = torch.randn(3)
+    assert watch.moved()

@@ -136,6 +136,7 @@ class Averager(CheckpointMethods, SwapMethods, nn.Module):
         self.register_buffer("_traced_calls", torch.tensor(0, dtype=torch.long, device=counter_device), persistent=False)
         self.__dict__["_engine"] = Engine([shadow], backend, pair_by_position=self._pair_by_position)
         self.__dict__["_swapped"] = None  # a SwappedIn while the average is in a model
+        self.__dict__["_repeat"] = None  # the runs that update may launch again: see update
         self.__dict__["_skip_watch"] = SkipWatch()
         self._engine.runs(model)  # plans now, so a compiled first update finds them
 
@@ -155,9 +156,16 @@ class Averager(CheckpointMethods, SwapMethods, nn.Module):
         if self.__dict__.get("_swapped") is not None:
             raise RuntimeError(f"{action}: {NOT_WHILE_SWAPPED}")
 
+    def __setattr__(self, name: str, value: Any) -> None:
+        # a new method, counter, schedule, submodule or flag: the next update takes the checked path
+        self.__dict__["_repeat"] = None
+        super().__setattr__(name, value)
+
     def __getstate__(self) -> dict:
         self._refuse_while_swapped("cannot pickle or copy an Averager")
-        return self.__dict__.copy()  # the engine drops what references the live model
+        state = self.__dict__.copy()  # the engine drops what references the live model
+        state["_repeat"] = None
+        return state
 
     def _apply(self, fn: Callable, recurse: bool = True) -> Averager:
         # .to(), .cuda(), .half() replace the shadow tensors: pack them again right away so the
@@ -198,7 +206,6 @@ class Averager(CheckpointMethods, SwapMethods, nn.Module):
         self._refuse_while_swapped(f"Averager.{action}")
         return de_parallel(model)
 
-    @torch.no_grad()
     def update(self, model: nn.Module) -> None:
         """Fold ``model``'s current weights into the average; call after ``optimizer.step()``.
 
@@ -206,6 +213,20 @@ class Averager(CheckpointMethods, SwapMethods, nn.Module):
         the call never waits for the GPU. A model whose structure differs raises ``ValueError``
         naming the first mismatching tensor, and the average is left untouched.
         """
+        # The steady state (the same model, nothing moved, no setting changed since the last
+        # update averaged through the engine's bound launch) repeats that launch: a few calls,
+        # as the host work of a GPU step and a cold cache on a CPU step are both paid per call.
+        if not torch.compiler.is_compiling():
+            runs = self.__dict__.get("_repeat")
+            if runs is not None and self.__dict__.get("_swapped") is None \
+                    and self._engine.launch_again(model, self._member, runs):
+                self.__dict__["_calls"] += 1
+                return
+        self._update_checked(model)
+
+    @torch.no_grad()
+    def _update_checked(self, model: nn.Module) -> None:
+        passed = model
         model = self._checked_model(model, "update")
         if torch.compiler.is_compiling():
             self._update_traced(model)
@@ -227,6 +248,9 @@ class Averager(CheckpointMethods, SwapMethods, nn.Module):
             self._launch(runs, tracking)
             if self.skip_nonfinite:
                 self._skip_watch.after_update(self.n_skipped, self.n_averaged, lambda: first_nonfinite(runs))
+            elif action is Action.AVERAGE and passed is model and self.schedule.update_every == 1 \
+                    and not self.write_back_every:  # every later call averages the same way too
+                self.__dict__["_repeat"] = runs
         self.__dict__["_calls"] = self._calls + 1  # an int: nn.Module.__setattr__ would only end up here
         if action is Action.AVERAGE and self.write_back_every:
             if self.schedule.averaging_calls(self._calls) % self.write_back_every == 0:

@@ -213,6 +213,18 @@ class Engine:
         elif not tracking:
             n_averaged.add_(1)
 
+    def launch_again(self, model: nn.Module, index: int, runs: Sequence[Run]) -> bool:
+        """Repeat the bound launch ``launch`` last made of ``runs`` (its method, counter and seed)
+        if they are still shadow ``index``'s plans for ``model`` as it is now; else launch nothing
+        and return False (the caller takes the checked path)."""
+        if self._runs is None or self._runs[index] is not runs or self._model_ref() is not model or self._watch.moved():
+            return False
+        prepared = self._prepared.get(id(runs))
+        if prepared is None or prepared[0] is not runs or prepared[4] is None:
+            return False
+        prepared[4]()
+        return True
+
     @staticmethod
     def _bound_launch(runs: Sequence[Run], method: Method, n_averaged: torch.Tensor,
                       rounding_seed: int) -> Callable[[], None] | None:
@@ -288,8 +300,8 @@ class Engine:
             self._prepared = {}
             key = _fingerprint(models + [t for shadow in self.shadows for t in shadow.tensors()])
         self._model_ref, self._key = weakref.ref(model), key
-        watched = model_slots.slots + model_slots.aliases + [slot for shadow in self.shadows for slot in shadow.slots.slots]
-        self._watch = AddressWatch(watched, model_slots.modules)
+        shadow_slots = [slot for shadow in self.shadows for slot in shadow.slots.slots]
+        self._watch = AddressWatch(model_slots.slots + model_slots.aliases, model_slots.modules, flagless_slots=shadow_slots)
         self._model_count = len(model_slots.slots)
 
     def _build(self, shadow: Shadow, models: list[torch.Tensor]) -> list[Run]:

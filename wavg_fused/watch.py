@@ -35,13 +35,13 @@ def _identity(value: object) -> int:
     return address(value) if isinstance(value, torch.Tensor) else id(value)
 
 
-def _layout(value: object) -> tuple | None:
+def _layout(value: object, with_grad: bool = True) -> tuple | None:
     # the Python walk's view of a tensor: the same address seen through another view
     # (``p.data = p.data.t()``) is a change too
     if not isinstance(value, torch.Tensor):
         return None
     value = local(value)
-    return (value.dtype, value.shape, value.stride(), value.requires_grad)
+    return (value.dtype, value.shape, value.stride(), value.requires_grad if with_grad else None)
 
 
 class AddressWatch:
@@ -57,16 +57,25 @@ class AddressWatch:
     True
     """
 
-    def __init__(self, slots: list[Slot], module_slots: list[Slot] = ()) -> None:
-        """``slots`` hold tensors (watched by address), ``module_slots`` submodules (by identity)."""
+    def __init__(self, slots: list[Slot], module_slots: list[Slot] = (), *, flagless_slots: list[Slot] = ()) -> None:
+        """``slots`` hold tensors (watched by address, view and ``requires_grad``), ``flagless_slots``
+        tensors whose ``requires_grad`` nothing follows (an average's own: only the model's flag is
+        copied onto the average, so a flag set on the average needs no new plan, and each flag
+        read is two more cache lines a tensor), ``module_slots`` submodules (by identity)."""
+        flagged = len(slots)
+        slots = list(slots) + list(flagless_slots)
         self._tensor_count = len(slots)
-        slots = list(slots) + list(module_slots)
+        slots += list(module_slots)
         self._tables = [table for table, _ in slots]
         self._keys = [key for _, key in slots]
         self._expected_list = [_identity(table[key]) for table, key in slots]
-        self._layouts_list = [_layout(table[key]) for table, key in slots]
-        self._record = _record(self._tables, self._keys) if _record is not None else None
+        self._flagged = flagged
+        self._layouts_list = self._layouts([table[key] for table, key in slots])
+        self._record = _record(self._tables, self._keys, flagged) if _record is not None else None
         self._held = [table[key] for table, key in slots]  # ids and addresses stay unique while watched
+
+    def _layouts(self, values: list[object]) -> list[tuple | None]:
+        return [_layout(value, index < self._flagged) for index, value in enumerate(values)]
 
     def current_and_expected(self) -> tuple[list[torch.Tensor], list[int]]:
         """The watched tensors as the modules hold them now, and the addresses they had: for a
@@ -90,4 +99,4 @@ class AddressWatch:
             values = [table[key] for table, key in zip(self._tables, self._keys)]
         except KeyError:
             return True
-        return list(map(_identity, values)) != self._expected_list or list(map(_layout, values)) != self._layouts_list
+        return list(map(_identity, values)) != self._expected_list or self._layouts(values) != self._layouts_list

@@ -232,23 +232,6 @@ bool any_nonfinite(const PlanView& plan, int64_t begin, int64_t end) {
   return found;
 }
 
-// Bytes of a piece's model and of its shadow asked for one piece ahead: a whole small tensor,
-// where the hardware prefetcher would start cold at each new allocation (2,000 tensors of 1K fp32:
-// the op's p10 fell from 1.5x to 0.8-1.2x of a flat lerp_, benchmarks/small_tensors_cpu.py).
-constexpr int64_t kPrefetchBytes = 4096;
-
-void prefetch_piece(const int64_t* row, char* const* flat_bases, int64_t lo, int64_t hi) {
-  const int64_t size = row[kItemsize];
-  const char* model = reinterpret_cast<const char*>(row[kModelPtr]);
-  const char* shadow = flat_bases[row[kFlat]] + (row[kShadowOffset] + lo) * size;
-  const int64_t model_size = model_itemsize(row);
-  model += lo * model_size;
-  const int64_t model_bytes = std::min((hi - lo) * model_size, kPrefetchBytes);
-  const int64_t shadow_bytes = std::min((hi - lo) * size, kPrefetchBytes);
-  for (int64_t b = 0; b < model_bytes; b += 64) __builtin_prefetch(model + b, 0);
-  for (int64_t b = 0; b < shadow_bytes; b += 64) __builtin_prefetch(shadow + b, 1);
-}
-
 void process_elements(const PlanView& plan, int64_t begin, int64_t end) {
   if (plan.members > 1) {
     for_each_piece(plan, begin, end, [&](const int64_t* rows, int64_t lo, int64_t hi) {
@@ -256,14 +239,13 @@ void process_elements(const PlanView& plan, int64_t begin, int64_t end) {
     });
     return;
   }
-  const int64_t* last_row = nullptr;
-  int64_t last_lo = 0, last_hi = 0;
+  // No software prefetch of the next tensor: asking for a small tensor's 4 KB one piece ahead
+  // measured 2-6% slower than the hardware prefetcher alone on 2,000 tensors of 1K fp32, after
+  // every condition of benchmarks/small_tensors_cpu.py (2026-12-03, op 1.04-1.08x of a flat lerp_
+  // without it, 1.06-1.15x with it).
   for_each_piece(plan, begin, end, [&](const int64_t* row, int64_t lo, int64_t hi) {
-    prefetch_piece(row, plan.flat_bases, lo, hi);
-    if (last_row != nullptr) process(last_row, plan.flat_bases, last_lo, last_hi, plan.weights, plan.mode);
-    last_row = row, last_lo = lo, last_hi = hi;
+    process(row, plan.flat_bases, lo, hi, plan.weights, plan.mode);
   });
-  if (last_row != nullptr) process(last_row, plan.flat_bases, last_lo, last_hi, plan.weights, plan.mode);
 }
 
 }  // namespace wavg_fused::cpu::WAVG_ISA
