@@ -30,6 +30,7 @@
 #include <atomic>
 #include <cstdint>
 #include <memory>
+#include <typeinfo>
 #include <vector>
 
 #include "address_watch.h"
@@ -58,6 +59,11 @@ struct ExpectedTensor {
   int16_t dtype = 0;
   bool watch_grad = true;  // whether requires_grad is part of the check
   bool requires_grad = false;
+  // the autograd meta when recorded, if exactly an AutogradMeta: while the tensor still holds it,
+  // its two flag fields are read directly, without the virtual call's vtable line. A meta freed
+  // and a view's meta (a subclass) made at the same address would be read by the same two fields
+  // (memory-safe; only its base's flag, which a view's own grad_fn_ mirrors, goes unread).
+  const void* plain_meta = nullptr;
 };
 
 // Every cache line a slot's check reads, as recorded: the object's tensor pointer, the TensorImpl,
@@ -126,6 +132,16 @@ int64_t data_address(const c10::TensorImpl* impl) {
   return reinterpret_cast<int64_t>(data + impl->dtype().itemsize() * impl->storage_offset());
 }
 
+// impl->requires_grad(), reading the recorded plain AutogradMeta's fields where the tensor still holds it
+bool requires_grad(const c10::TensorImpl* impl, const ExpectedTensor& want) {
+  const c10::AutogradMetaInterface* meta = impl->autograd_meta();
+  if (meta != nullptr && meta == want.plain_meta) {
+    const auto* plain = static_cast<const torch::autograd::AutogradMeta*>(meta);
+    return plain->requires_grad_ || plain->grad_fn_;  // AutogradMeta::requires_grad(), not virtually
+  }
+  return impl->requires_grad();
+}
+
 bool tensor_as_recorded(const c10::TensorImpl* impl, const ExpectedTensor& want, const int64_t* dims) {
   const c10::IntArrayRef sizes = impl->sizes();
   if (static_cast<int64_t>(sizes.size()) != want.ndim) return false;
@@ -134,7 +150,7 @@ bool tensor_as_recorded(const c10::TensorImpl* impl, const ExpectedTensor& want,
     if (sizes[d] != dims[d] || strides[d] != dims[want.ndim + d]) return false;
   }
   return static_cast<int16_t>(c10::typeMetaToScalarType(impl->dtype())) == want.dtype &&
-         data_address(impl) == want.address && (!want.watch_grad || impl->requires_grad() == want.requires_grad);
+         data_address(impl) == want.address && (!want.watch_grad || requires_grad(impl, want) == want.requires_grad);
 }
 
 // Whether `value` (a slot's entry now) matches the slot as recorded; `same_object` when it is the
@@ -193,9 +209,15 @@ void record_tensor(Record& record, WatchedSlot& slot, const c10::TensorImpl* imp
     add_lines(slot, &storage->data_ptr(), sizeof(void*));
   }
   if (watch_grad && impl->autograd_meta() != nullptr) {
-    // requires_grad() is a virtual call (the vtable pointer) reading requires_grad_ and grad_fn_
+    // requires_grad() reads requires_grad_ and grad_fn_, through a virtual call (the vtable
+    // pointer) unless the meta is exactly an AutogradMeta: one line less for the three in four
+    // metas whose vtable pointer is not on grad_fn_'s line
     const auto* meta = static_cast<const torch::autograd::AutogradMeta*>(impl->autograd_meta());
-    add_lines(slot, meta, sizeof(void*));
+    if (typeid(*impl->autograd_meta()) == typeid(torch::autograd::AutogradMeta)) {
+      want.plain_meta = meta;
+    } else {
+      add_lines(slot, meta, sizeof(void*));
+    }
     add_lines(slot, &meta->requires_grad_, sizeof(bool));
     add_lines(slot, &meta->grad_fn_, sizeof(void*));
   }

@@ -1,11 +1,14 @@
 """Contiguous shadow storage: views, layouts, alignment, ties, byte accounting."""
 
+import weakref
+from copy import deepcopy
+
 import pytest
 import torch
 from torch import nn
 
 import wavg_fused as wf
-from wavg_fused.storage import ALIGN_BYTES
+from wavg_fused.storage import SLOT_ALIGN_BYTES, compact_parameters, pack_module
 
 
 class Odd(nn.Module):
@@ -32,7 +35,7 @@ def test_every_shadow_is_an_aligned_view_of_a_flat_buffer():
     for tensor in _views(avg):
         flat = flats[(tensor.device, tensor.dtype)]
         assert tensor.untyped_storage().data_ptr() == flat.untyped_storage().data_ptr()
-        assert (tensor.data_ptr() - flat.data_ptr()) % ALIGN_BYTES == 0
+        assert (tensor.data_ptr() - flat.data_ptr()) % SLOT_ALIGN_BYTES == 0
 
 
 def test_layouts_are_kept():
@@ -52,7 +55,7 @@ def test_storage_bytes_are_tensor_bytes_plus_padding_only():
     tensor_bytes = sum(t.numel() * t.element_size() for t in _views(avg))
     assert avg.storage.tensor_bytes == tensor_bytes
     groups = len(avg.storage.flats)
-    assert tensor_bytes <= avg.storage.nbytes < tensor_bytes + ALIGN_BYTES * (len(_views(avg)) + groups)
+    assert tensor_bytes <= avg.storage.nbytes < tensor_bytes + SLOT_ALIGN_BYTES * (len(_views(avg)) + groups)
 
 
 def test_fp32_shadow_groups_by_dtype():
@@ -149,3 +152,42 @@ def test_invalid_constructor_arguments():
         wf.Averager(nn.Linear(2, 2), wf.EMA(0.9), dtype=torch.int32)
     with pytest.raises(ValueError, match="backend"):
         wf.Averager(nn.Linear(2, 2), wf.EMA(0.9), backend="fastest")
+
+
+def test_compacted_parameters_keep_identity_values_flags_and_ties():
+    lin = nn.Linear(4, 3)
+    lin.bias.requires_grad_(False)
+    tied = nn.Module()
+    tied.a, tied.b, tied.c = lin, nn.Linear(4, 3), nn.Linear(4, 3)
+    tied.c.weight = tied.a.weight
+    params = list(tied.parameters())  # the tied weight once
+    before = [(p, p._cdata, p.detach().clone(), p.requires_grad) for p in params]
+    compact_parameters(params)
+    for p, cdata, value, requires_grad in before:
+        assert p._cdata != cdata  # a new C++ tensor under the same Python object
+        assert torch.equal(p, value) and p.requires_grad == requires_grad and type(p) is nn.Parameter
+    assert tied.c.weight is tied.a.weight
+
+
+def test_compaction_leaves_parameters_it_could_not_move_intact():
+    kept = {name: nn.Parameter(torch.ones(2)) for name in ("attribute", "gradient", "weakref")}
+    kept["attribute"].no_decay = True
+    kept["gradient"].grad = torch.zeros(2)
+    ref = weakref.ref(kept["weakref"])
+    aliased = nn.Parameter(torch.ones(2))
+    alias = aliased.detach()  # shares the memory, not the C++ tensor: compacted, still aliased
+    cdata = {name: p._cdata for name, p in kept.items()}
+    compact_parameters([*kept.values(), aliased])
+    for name, p in kept.items():
+        assert p._cdata == cdata[name], name
+    assert kept["attribute"].no_decay and torch.equal(kept["gradient"].grad, torch.zeros(2)) and ref() is kept["weakref"]
+    alias.add_(1)
+    assert torch.equal(aliased, torch.full((2,), 2.0))
+
+
+def test_the_average_module_parameters_are_compacted():
+    model = nn.Sequential(*[nn.Linear(8, 8) for _ in range(4)])
+    copy = deepcopy(model)
+    cdata = [p._cdata for p in copy.parameters()]
+    pack_module(copy)
+    assert all(p._cdata != c for p, c in zip(copy.parameters(), cdata))

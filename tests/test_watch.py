@@ -61,6 +61,25 @@ def test_every_change_is_seen(walk, change):
     assert watch.moved()
 
 
+FLAG_CHANGES = {
+    # the compiled walk reads a plain AutogradMeta's two fields directly while the tensor holds it
+    "requires_grad turned back on": lambda m: m.params[1300].requires_grad_(True),
+    "a grad_fn from an in-place op": lambda m: m.params[1300].mul_(torch.ones(3, requires_grad=True)),
+    "a buffer (no autograd meta) made to require grad": lambda m: m.steps.requires_grad_(True),
+}
+
+
+@pytest.mark.parametrize("change", list(FLAG_CHANGES))
+def test_every_requires_grad_change_is_seen(walk, change):
+    model = many_tensors()
+    model.params[1300].requires_grad_(False)  # frozen before recording: its meta says so
+    watch = watch_of(model)
+    assert not watch.moved()
+    with torch.enable_grad():
+        FLAG_CHANGES[change](model)
+    assert watch.moved()
+
+
 def test_an_entry_set_again_or_an_equal_view_is_not_a_change(walk):
     """A dict written with the same object, or a new Parameter over the very same memory and view,
     keeps the plan valid (the kernels read the same bytes): no re-plan every step for code that
