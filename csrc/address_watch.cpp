@@ -213,7 +213,7 @@ void record_tensor(Record& record, WatchedSlot& slot, const c10::TensorImpl* imp
     // pointer) unless the meta is exactly an AutogradMeta: one line less for the three in four
     // metas whose vtable pointer is not on grad_fn_'s line
     const auto* meta = static_cast<const torch::autograd::AutogradMeta*>(impl->autograd_meta());
-    if (typeid(*impl->autograd_meta()) == typeid(torch::autograd::AutogradMeta)) {
+    if (typeid(*meta) == typeid(torch::autograd::AutogradMeta)) {
       want.plain_meta = meta;
     } else {
       add_lines(slot, meta, sizeof(void*));

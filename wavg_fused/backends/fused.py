@@ -27,7 +27,6 @@ class _FusedBackend:
     op_name = "wavg_fused::update_"
     group_op_name = "wavg_fused::update_group_"
     _launch: Callable[..., None] = staticmethod(ops.update_)
-    _bound_op = "update_"  # torch.ops.wavg_fused.<this>.default, which bound_update calls directly
     _launch_group: Callable[..., None] = staticmethod(ops.update_group_)
 
     def unavailable_reason(self, device: torch.device) -> str | None:
@@ -66,7 +65,7 @@ class _FusedBackend:
         stage, as a call with its arguments bound (``Engine.launch`` keeps it while they hold)."""
         # the op overload itself, not ops.update_: that Python frame and its list copies were 3 of
         # the 12 us a 1-tensor model's update took on this 2-core CPU
-        op = getattr(torch.ops.wavg_fused, self._bound_op).default
+        op = getattr(torch.ops.wavg_fused, self.op_name.split("::")[1]).default
         launch = functools.partial(
             op, list(plan.flats), plan.tensor_table(), plan.block_table(self.block_elems), n_averaged,
             plan.workspace, method.code, list(method.params), True, rounding_seed, MODE_AVERAGE, False, None,
@@ -136,5 +135,4 @@ class CudaEmulatedBackend(_FusedBackend):
     op_name = "wavg_fused::update_emulated_"
     group_op_name = "wavg_fused::update_group_emulated_"
     _launch = staticmethod(ops.update_emulated_)
-    _bound_op = "update_emulated_"
     _launch_group = staticmethod(ops.update_group_emulated_)
