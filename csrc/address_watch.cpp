@@ -270,61 +270,86 @@ PyObject* watch_record(PyObject* /*self*/, PyObject* args) {
   END_HANDLE_TH_ERRORS
 }
 
-PyObject* watch_first_moved(PyObject* /*self*/, PyObject* capsule) {
-  HANDLE_TH_ERRORS
+bool watch_begin(PyObject* capsule, WatchPass& pass) {
   auto* record = static_cast<Record*>(PyCapsule_GetPointer(capsule, kCapsuleName));
-  if (record == nullptr) return nullptr;
-  // which dicts were mutated since recording: their slots are looked up again
-  std::vector<char> mutated(record->dicts.size(), !WAVG_DICT_VERSIONS);
+  if (record == nullptr) return false;
+  pass.record = record;
+  pass.slot_count = static_cast<int64_t>(record->slots.size());
+  pass.mutated.assign(record->dicts.size(), !WAVG_DICT_VERSIONS);
   if (WAVG_DICT_VERSIONS) {
     for (size_t d = 0; d < record->dicts.size(); ++d) {
-      mutated[d] = dict_version(record->dicts[d].dict) != record->dicts[d].version;
+      pass.mutated[d] = dict_version(record->dicts[d].dict) != record->dicts[d].version;
     }
   }
-  const int64_t count = static_cast<int64_t>(record->slots.size());
-  // Slots whose entry is known to be the recorded object and needs no Python (a plain tensor in
-  // an unmutated dict) are checked in parallel: the walk is bound by how many cache misses are in
-  // flight at once, and each thread adds its own. It reads C++ fields of objects the record keeps
-  // alive while this thread holds the GIL and waits; nothing calls into Python.
-  auto needs_python = [&](const WatchedSlot& slot) { return mutated[slot.dict] || slot.kind != Kind::kTensor; };
-  std::atomic<int64_t> first{count};
-  at::parallel_for(0, count, kSlotsPerThread, [&](int64_t begin, int64_t end) {
-    for (int64_t i = begin; i < std::min(begin + static_cast<int64_t>(kAhead), end); ++i) prefetch(record->slots[i]);
-    for (int64_t i = begin; i < end; ++i) {
-      if (i + static_cast<int64_t>(kAhead) < end) prefetch(record->slots[i + kAhead]);
-      const WatchedSlot& slot = record->slots[i];
-      if (needs_python(slot) || slot_as_recorded(*record, slot, slot.value, true)) continue;
-      int64_t seen = first.load();
-      while (i < seen && !first.compare_exchange_weak(seen, i)) {
-      }
-      return;
+  return true;
+}
+
+// Slots whose entry is known to be the recorded object and needs no Python (a plain tensor in an
+// unmutated dict). It reads C++ fields of objects the record keeps alive while the calling
+// thread holds the GIL and waits; nothing calls into Python.
+int64_t watch_first_plain_moved(const WatchPass& pass, int64_t begin, int64_t end) {
+  const Record& record = *static_cast<const Record*>(pass.record);
+  for (int64_t i = begin; i < std::min(begin + static_cast<int64_t>(kAhead), end); ++i) prefetch(record.slots[i]);
+  for (int64_t i = begin; i < end; ++i) {
+    if (i + static_cast<int64_t>(kAhead) < end) prefetch(record.slots[i + kAhead]);
+    const WatchedSlot& slot = record.slots[i];
+    if (pass.mutated[slot.dict] || slot.kind != Kind::kTensor || slot_as_recorded(record, slot, slot.value, true)) {
+      continue;
     }
-  });
-  // then the slots that need Python, below the first moved so far: a mutated dict's, looked up
-  // again, and the DTensors and submodules of the others
-  int64_t moved = first.load();
-  for (const WatchedDict& dict : record->dicts) {
-    if (!mutated[&dict - record->dicts.data()]) continue;
+    return i;
+  }
+  return -1;
+}
+
+// The slots that need Python, below `below`: a mutated dict's, looked up again, and the DTensors
+// and submodules of the others.
+int64_t watch_first_python_moved(const WatchPass& pass, int64_t below) {
+  const Record& record = *static_cast<const Record*>(pass.record);
+  int64_t moved = below;
+  for (const WatchedDict& dict : record.dicts) {
+    if (!pass.mutated[&dict - record.dicts.data()]) continue;
     const int64_t end = std::min(static_cast<int64_t>(dict.end), moved);
     for (int64_t i = static_cast<int64_t>(dict.begin); i < end; ++i) {
-      const WatchedSlot& slot = record->slots[i];
+      const WatchedSlot& slot = record.slots[i];
       PyObject* value = PyDict_GetItemWithError(slot.table, slot.key);
-      if (value == nullptr && PyErr_Occurred()) return nullptr;
-      if (value == nullptr || !slot_as_recorded(*record, slot, value, value == slot.value)) {
+      if (value == nullptr && PyErr_Occurred()) return -2;
+      if (value == nullptr || !slot_as_recorded(record, slot, value, value == slot.value)) {
         moved = i;
         break;
       }
     }
   }
-  for (const size_t i : record->python_slots) {
+  for (const size_t i : record.python_slots) {
     if (static_cast<int64_t>(i) >= moved) break;
-    const WatchedSlot& slot = record->slots[i];
-    if (mutated[slot.dict]) continue;  // looked up above
-    if (!slot_as_recorded(*record, slot, slot.value, true)) {
+    const WatchedSlot& slot = record.slots[i];
+    if (pass.mutated[slot.dict]) continue;  // looked up above
+    if (!slot_as_recorded(record, slot, slot.value, true)) {
       moved = static_cast<int64_t>(i);
       break;
     }
   }
+  return moved < below ? moved : -1;
+}
+
+PyObject* watch_first_moved(PyObject* /*self*/, PyObject* capsule) {
+  HANDLE_TH_ERRORS
+  WatchPass pass;
+  if (!watch_begin(capsule, pass)) return nullptr;
+  const int64_t count = pass.slot_count;
+  // the plain slots in parallel: the walk is bound by how many cache misses are in flight at
+  // once, and each thread adds its own
+  std::atomic<int64_t> first{count};
+  at::parallel_for(0, count, kSlotsPerThread, [&](int64_t begin, int64_t end) {
+    const int64_t moved = watch_first_plain_moved(pass, begin, end);
+    if (moved < 0) return;
+    int64_t seen = first.load();
+    while (moved < seen && !first.compare_exchange_weak(seen, moved)) {
+    }
+  });
+  const int64_t plain = first.load();
+  const int64_t python = watch_first_python_moved(pass, plain);
+  if (python == -2) return nullptr;
+  const int64_t moved = python >= 0 ? python : plain;
   return PyLong_FromLongLong(moved < count ? moved : -1);
   END_HANDLE_TH_ERRORS
 }

@@ -5,6 +5,7 @@
 
 #include "address_watch.h"
 #include "cpu/kernel_api.h"
+#include "cpu/update_if_unmoved.h"
 
 namespace {
 
@@ -19,6 +20,9 @@ PyObject* cpu_kernel_isa(PyObject* /*self*/, PyObject* /*args*/) {
 PyMethodDef methods[] = {
     {"watch_record", wavg_fused::watch_record, METH_VARARGS, "Record the watched slots' entries as they are now."},
     {"watch_first_moved", wavg_fused::watch_first_moved, METH_O, "Index of the first watched slot that moved, or -1."},
+    {"cpu_bind_update", wavg_fused::cpu::bind_update, METH_VARARGS, "The cpu backend's update with its arguments checked and kept."},
+    {"cpu_update_if_unmoved", wavg_fused::cpu::update_if_unmoved, METH_VARARGS,
+     "Check the watch record, then run the bound cpu update; False, with nothing written, if a slot moved."},
     {"cpu_kernel_isa", cpu_kernel_isa, METH_NOARGS, "Instruction set of the CPU kernel update_ runs: default, avx2 or avx512."},
     {nullptr, nullptr, 0, nullptr},
 };

@@ -73,28 +73,35 @@ CHANGES = {
 }
 
 
+def run_with_or_without_repeats(monkeypatch, make_model, change, repeat: bool, steps: int = 6):
+    """``steps`` updates of a fresh model and average, ``change(avg, model)`` before the fourth; with
+    ``repeat`` False every update takes the checked path."""
+    model = make_model()
+    avg = wf.Averager(model, wf.EMA(0.9), backend="cpu")
+    with monkeypatch.context() as patch:
+        if not repeat:
+            patch.setattr(Engine, "launch_again", lambda self, model, index, runs: False)
+        for k in range(steps):
+            if k == 3:
+                change(avg, model)
+            step(model, k)
+            avg.update(model)
+    return avg, model
+
+
+def assert_equal_states(state: dict[str, torch.Tensor], expected: dict[str, torch.Tensor]) -> None:
+    assert state.keys() == expected.keys()
+    for name in expected:
+        assert torch.equal(state[name], expected[name]), name
+
+
 @pytest.mark.parametrize("change", list(CHANGES))
 def test_a_change_between_updates_ends_where_the_checked_path_ends(monkeypatch, change):
-    def run(repeat: bool) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor], int]:
-        model = small_model()
-        avg = wf.Averager(model, wf.EMA(0.9), backend="cpu")
-        with monkeypatch.context() as patch:
-            if not repeat:
-                patch.setattr(Engine, "launch_again", lambda self, model, index, runs: False)
-            for k in range(6):
-                if k == 3:
-                    CHANGES[change](avg, model)
-                step(model, k)
-                avg.update(model)
-        return _state(avg), {k: v.clone() for k, v in model.state_dict().items()}, avg._calls
-
-    (average, trained, calls), (expected_average, expected_trained, expected_calls) = run(True), run(False)
-    assert calls == expected_calls
-    assert average.keys() == expected_average.keys()
-    for name in expected_average:
-        assert torch.equal(average[name], expected_average[name]), name
-    for name in expected_trained:
-        assert torch.equal(trained[name], expected_trained[name]), name
+    (avg, model), (expected_avg, expected_model) = (
+        run_with_or_without_repeats(monkeypatch, small_model, CHANGES[change], repeat) for repeat in (True, False))
+    assert avg._calls == expected_avg._calls
+    assert_equal_states(_state(avg), _state(expected_avg))
+    assert_equal_states(model.state_dict(), expected_model.state_dict())
 
 
 def test_a_repeat_still_refuses_what_the_checked_path_refuses():
@@ -132,3 +139,60 @@ def test_a_repeat_outside_no_grad_records_no_graph():
     for name, value in checked.module.state_dict().items():
         assert torch.equal(avg.module.state_dict()[name], value), name
     assert avg.n_averaged.item() == 2
+
+
+def many_tensor_model() -> nn.Module:
+    """More slots than one thread checks (1,024) and more bytes than one thread updates (1 MB): the
+    cpu repeat's parallel region, with its chunks of slots and of elements."""
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Linear(512, 640), *[nn.Linear(1, 1) for _ in range(600)])
+
+
+@pytest.fixture(params=[1, 2], ids=["1 thread", "2 threads"])
+def threads(request):
+    before = torch.get_num_threads()
+    torch.set_num_threads(request.param)
+    yield request.param
+    torch.set_num_threads(before)
+
+
+MANY_TENSOR_CHANGES = {
+    "nothing": lambda model: None,
+    "the last tensor re-viewed": lambda model: setattr(model[-1].weight, "data", model[-1].weight.data.as_strided((1, 1), (1, 2))),
+    "the last tensor replaced in place": lambda model: setattr(model[-1].bias, "data", torch.zeros(1)),
+    "the first tensor re-bound": lambda model: setattr(model[0], "bias", nn.Parameter(torch.ones(640))),
+    "the last submodule replaced": lambda model: model.__setitem__(len(model) - 1, nn.Linear(1, 1)),
+}
+
+
+@pytest.mark.parametrize("change", list(MANY_TENSOR_CHANGES))
+def test_the_cpu_repeat_in_one_region_ends_where_the_checked_path_ends(monkeypatch, threads, change):
+    def change_model(avg, model):
+        MANY_TENSOR_CHANGES[change](model)
+
+    (avg, _), (expected_avg, _) = (
+        run_with_or_without_repeats(monkeypatch, many_tensor_model, change_model, repeat, steps=5) for repeat in (True, False))
+    assert avg._engine._prepared and all(p[5] is not None for p in avg._engine._prepared.values())
+    assert_equal_states(_state(avg), _state(expected_avg))
+
+
+def test_a_moved_slot_stops_the_cpu_repeat_before_it_writes(threads):
+    model = many_tensor_model()
+    avg = wf.Averager(model, wf.EMA(0.5), backend="cpu")
+    step(model, 0)
+    avg.update(model)
+    engine = avg._engine
+    [prepared] = engine._prepared.values()
+    update_if_unmoved, record = prepared[5], engine._watch.record
+    step(model, 1)
+    assert update_if_unmoved(record) is True and avg.n_averaged.item() == 2
+    before = _state(avg)
+    model[-1].weight.data = model[-1].weight.data.clone()  # the last slot checked: a new address
+    step(model, 2)
+    assert update_if_unmoved(record) is False
+    after = _state(avg)
+    for name in before:
+        assert torch.equal(after[name], before[name]), name
+    avg.update(model)  # the checked path: a new plan, then averaged
+    assert avg.n_averaged.item() == 3
+    assert torch.equal(avg.module[-1].weight, 0.5 * (before["module.600.weight"] + model[-1].weight))

@@ -38,6 +38,7 @@ CPU_SOURCES: tuple[str, ...] = (
     "address_watch.cpp",
     "cpu/update_cpu.cpp",
     "cpu/update_group_cpu.cpp",
+    "cpu/update_if_unmoved.cpp",
     "cuda/update_emulated.cpp",  # the CUDA kernels' code on the CPU (host compiler, always built)
     "cpu/kernel_default.cpp",
     "cpu/kernel_avx2.cpp",

@@ -177,7 +177,8 @@ class Engine:
             prepared = self._prepared.get(id(runs))
             if prepared is None or prepared[0] is not runs or prepared[1] is not method or prepared[2] is not n_averaged \
                     or prepared[3] != rounding_seed:
-                prepared = (runs, method, n_averaged, rounding_seed, self._bound_launch(runs, method, n_averaged, rounding_seed))
+                prepared = (runs, method, n_averaged, rounding_seed, self._bound_launch(runs, method, n_averaged, rounding_seed),
+                            self._bound_launch(runs, method, n_averaged, rounding_seed, behind_watch=True))
                 self._prepared[id(runs)] = prepared
             if prepared[4] is not None:
                 prepared[4]()
@@ -217,21 +218,31 @@ class Engine:
         """Repeat the bound launch ``launch`` last made of ``runs`` (its method, counter and seed)
         if they are still shadow ``index``'s plans for ``model`` as it is now; else launch nothing
         and return False (the caller takes the checked path)."""
-        if self._runs is None or self._runs[index] is not runs or self._model_ref() is not model or self._watch.moved():
+        if self._runs is None or self._runs[index] is not runs or self._model_ref() is not model:
             return False
         prepared = self._prepared.get(id(runs))
         if prepared is None or prepared[0] is not runs or prepared[4] is None:
+            return False
+        if prepared[5] is not None and self._watch.record is not None:  # the watch and the launch in one call
+            return prepared[5](self._watch.record)
+        if self._watch.moved():
             return False
         prepared[4]()
         return True
 
     @staticmethod
     def _bound_launch(runs: Sequence[Run], method: Method, n_averaged: torch.Tensor,
-                      rounding_seed: int) -> Callable[[], None] | None:
+                      rounding_seed: int, behind_watch: bool = False) -> Callable | None:
+        # behind_watch: the backend's launch that runs the watch's record first, if it has one
         if len(runs) != 1:
             return None
         plan, backend = runs[0]
-        if plan.device != n_averaged.device or plan.staged_count or not hasattr(backend, "bound_update"):
+        if plan.device != n_averaged.device or plan.staged_count:
+            return None
+        if behind_watch:
+            bind = getattr(backend, "bound_update_if_unmoved", None)
+            return bind(plan, method, n_averaged, rounding_seed) if bind is not None else None
+        if not hasattr(backend, "bound_update"):
             return None
         return backend.bound_update(plan, method, n_averaged, rounding_seed)
 

@@ -92,6 +92,12 @@ class AddressWatch:
             for table, key, expected in zip(self._tables[count:], self._keys[count:], self._expected_list[count:])
         )
 
+    @property
+    def record(self) -> object | None:
+        """The compiled walk's record of the slots (what ``moved()`` checks), for a backend that
+        runs the check itself before it writes; None without the compiled extension."""
+        return self._record
+
     def moved(self) -> bool:
         if _first_moved is not None and self._record is not None:
             return _first_moved(self._record) >= 0

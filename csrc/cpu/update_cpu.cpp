@@ -12,9 +12,9 @@
 #include <vector>
 
 #include "../method_params.h"
-#include "../plan_rows.h"
 #include "../wavg_rule.h"
 #include "kernel_api.h"
+#include "host_plan.h"
 #include "parallel_policy.h"
 
 namespace wavg_fused::cpu {
@@ -54,25 +54,6 @@ const Kernels& selected_kernels() {
 
 namespace {
 
-// What the kernel will dereference, checked on the host (the table is on the CPU here).
-void check_plan(const at::TensorList flats, const at::Tensor& table) {
-  TORCH_CHECK(table.device().is_cpu() && table.scalar_type() == at::kLong && table.is_contiguous() &&
-                  table.dim() == 2 && table.size(1) == kNumColumns,
-              "wavg_fused.update_: table must be a contiguous CPU int64 tensor of shape [T, ", kNumColumns,
-              "], got ", table.sizes(), " ", table.scalar_type(), " on ", table.device());
-  for (const at::Tensor& flat : flats) {
-    TORCH_CHECK(flat.device().is_cpu() && flat.is_contiguous(),
-                "wavg_fused.update_: storage buffers must be contiguous CPU tensors");
-  }
-  check_rows_in_buffers(flats, table, "wavg_fused.update_");
-}
-
-int64_t* host_counter(const at::Tensor& counter, const char* name) {
-  TORCH_CHECK(counter.device().is_cpu() && counter.scalar_type() == at::kLong && counter.numel() == 1,
-              "wavg_fused.update_: ", name, " must be a one-element CPU int64 tensor");
-  return counter.data_ptr<int64_t>();  // on the host: reading it costs no sync
-}
-
 // `blocks` serves the CUDA kernel; the CPU splits the element range itself, which balances
 // threads better when tensor sizes differ wildly. Of `workspace` only the non-finite flag is used.
 void update_cpu(at::TensorList flats, const at::Tensor& table, const at::Tensor& /*blocks*/,
@@ -96,18 +77,12 @@ void update_cpu(at::TensorList flats, const at::Tensor& table, const at::Tensor&
 
   const int64_t num_tensors = table.size(0);
   const int64_t* rows = table.data_ptr<int64_t>();
-  std::vector<int64_t> first(num_tensors + 1, 0);  // first element of each tensor in the whole plan
-  int64_t bytes = 0;  // what the pass moves: parallel_policy.h picks the threads from it
-  for (int64_t t = 0; t < num_tensors; ++t) {
-    first[t + 1] = first[t] + rows[t * kNumColumns + kNumel];
-    bytes += row_bytes(rows + t * kNumColumns, mode == kModeCheck);
-  }
-
-  std::vector<char*> flat_bases;
-  for (const at::Tensor& flat : flats) flat_bases.push_back(static_cast<char*>(flat.data_ptr()));
+  const HostPlan host = host_plan(flats, table, mode == kModeCheck);
+  const std::vector<int64_t>& first = host.first;
+  const int64_t bytes = host.bytes;
 
   const Kernels& kernels = selected_kernels();
-  const PlanView plan{rows, first.data(), num_tensors, flat_bases.data(), k, mode};
+  const PlanView plan{rows, first.data(), num_tensors, host.flat_bases.data(), k, mode};
   if (mode == kModeCheck) {
     std::atomic<bool> found{false};
     parallel_elements(first.back(), bytes, [&](int64_t begin, int64_t end) {

@@ -19,6 +19,12 @@ from ..group_plan import GroupPlan
 from ..methods import Method
 from ..plan import MODE_AVERAGE, MODE_CHECK, Plan
 
+try:
+    from .._C import cpu_bind_update as _bind_update
+    from .._C import cpu_update_if_unmoved as _update_if_unmoved
+except ImportError:  # an extension built before them: the watch, then the bound op
+    _bind_update = _update_if_unmoved = None
+
 
 class _FusedBackend:
     name: str
@@ -108,6 +114,18 @@ class CpuBackend(_FusedBackend):
     name = "cpu"
     device_type = "cpu"
     block_elems = 1 << 16  # unused by the CPU kernel, which splits the element range itself
+
+    def bound_update_if_unmoved(self, plan: Plan, method: Method, n_averaged: torch.Tensor,
+                                rounding_seed: int = -1) -> Callable[[object], bool] | None:
+        """``bound_update``'s launch behind the address watch, in one parallel region: the
+        returned call takes an ``AddressWatch.record`` and returns False, having written nothing,
+        if a watched slot moved (``csrc/cpu/update_if_unmoved.cpp``). None where the extension
+        predates it."""
+        if _bind_update is None or plan.staged_count:
+            return None
+        bound = _bind_update(list(plan.flats), plan.tensor_table(), n_averaged, method.code,
+                             [float(p) for p in method.params], rounding_seed)
+        return functools.partial(_update_if_unmoved, bound)
 
 
 class CudaBackend(_FusedBackend):
