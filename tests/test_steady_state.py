@@ -196,3 +196,27 @@ def test_a_moved_slot_stops_the_cpu_repeat_before_it_writes(threads):
     avg.update(model)  # the checked path: a new plan, then averaged
     assert avg.n_averaged.item() == 3
     assert torch.equal(avg.module[-1].weight, 0.5 * (before["module.600.weight"] + model[-1].weight))
+
+
+def test_a_dispatch_mode_sees_the_cpu_repeat_as_the_op():
+    """The one-call repeat bypasses the dispatcher; under a TorchDispatchMode (op loggers,
+    FakeTensorMode) the repeat goes through the op, which the mode then sees."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    class OpLog(TorchDispatchMode):
+        def __init__(self) -> None:
+            super().__init__()
+            self.ops: list[str] = []
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            self.ops.append(str(func))
+            return func(*args, **(kwargs or {}))
+
+    model = small_model()
+    avg = wf.Averager(model, wf.EMA(0.9), backend="cpu")
+    avg.update(model)
+    avg.update(model)
+    with OpLog() as log:
+        avg.update(model)
+    assert [op for op in log.ops if "wavg_fused" in op] == ["wavg_fused.update_.default"]
+    assert avg.n_averaged.item() == 3

@@ -82,6 +82,12 @@ def check_pairing(
     check_structure(shadow.names, shadows, names, models)
 
 
+def _modes_active() -> bool:
+    # a TorchDispatchMode or TorchFunctionMode sees ops only through the dispatcher: the direct
+    # call would pass it by (a logging mode, FakeTensorMode)
+    return bool(torch._C._len_torch_dispatch_stack() or torch._C._len_torch_function_stack())
+
+
 def _follow_requires_grad(shadows: Sequence[torch.Tensor], models: Sequence[torch.Tensor], before: list[bool] | None) -> None:
     # A layer (un)frozen in the model after construction: its shadow follows (the watch records
     # the flags, so the change re-plans and lands here). Only changes are followed, so a shadow
@@ -223,8 +229,8 @@ class Engine:
         prepared = self._prepared.get(id(runs))
         if prepared is None or prepared[0] is not runs or prepared[4] is None:
             return False
-        if prepared[5] is not None and self._watch.record is not None:  # the watch and the launch in one call
-            return prepared[5](self._watch.record)
+        if prepared[5] is not None and self._watch.record is not None and not _modes_active():
+            return prepared[5](self._watch.record)  # the watch and the launch in one call
         if self._watch.moved():
             return False
         prepared[4]()
