@@ -6,6 +6,7 @@ import copy
 
 import torch
 from torch import nn
+from torch.utils._python_dispatch import TorchDispatchMode
 
 
 class SmallCNN(nn.Module):
@@ -83,3 +84,16 @@ def train(model: nn.Module, steps: int, after_step, seed: int = 0) -> None:
         loss.backward()
         optimizer.step()
         after_step(step)
+
+
+class OpLog(TorchDispatchMode):
+    """The ATen/custom ops run inside the block: kernel launches and collectives alike."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.ops: list[str] = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        self.ops.append(str(func))
+        return func(*args, **(kwargs or {}))
+

@@ -17,9 +17,9 @@ from pathlib import Path
 import pytest
 import torch
 from torch import nn
-from torch.utils._python_dispatch import TorchDispatchMode
 
 import wavg_fused as wf
+from models import OpLog  # noqa: E402 (tests/ is on the path: conftest.py)
 
 dist = torch.distributed
 pytestmark = pytest.mark.skipif(
@@ -109,18 +109,6 @@ def spawn(worker, *args, backend: str = "gloo", world: int = WORLD) -> None:
     with tempfile.TemporaryDirectory() as directory:
         store = os.path.join(directory, "store")
         torch.multiprocessing.spawn(_entry, args=(worker, world, store, args, backend), nprocs=world, join=True)
-
-
-class OpLog(TorchDispatchMode):
-    """The ATen/custom ops run inside the block: kernel launches and collectives alike."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.ops: list[str] = []
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        self.ops.append(str(func))
-        return func(*args, **(kwargs or {}))
 
 
 def _collectives(ops: list[str]) -> list[str]:

@@ -16,6 +16,8 @@ import wavg_fused as wf
 from wavg_fused.engine import Engine
 from wavg_fused.schedule import Schedule
 
+from models import OpLog
+
 
 def small_model() -> nn.Module:
     torch.manual_seed(0)
@@ -201,17 +203,6 @@ def test_a_moved_slot_stops_the_cpu_repeat_before_it_writes(threads):
 def test_a_dispatch_mode_sees_the_cpu_repeat_as_the_op():
     """The one-call repeat bypasses the dispatcher; under a TorchDispatchMode (op loggers,
     FakeTensorMode) the repeat goes through the op, which the mode then sees."""
-    from torch.utils._python_dispatch import TorchDispatchMode
-
-    class OpLog(TorchDispatchMode):
-        def __init__(self) -> None:
-            super().__init__()
-            self.ops: list[str] = []
-
-        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-            self.ops.append(str(func))
-            return func(*args, **(kwargs or {}))
-
     model = small_model()
     avg = wf.Averager(model, wf.EMA(0.9), backend="cpu")
     avg.update(model)
