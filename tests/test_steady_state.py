@@ -70,6 +70,8 @@ CHANGES = {
     "a model flag turned off": lambda avg, model: model[2].bias.requires_grad_(False),
     "converted to float64": lambda avg, model: avg.to(torch.float64),
     "a checkpoint loaded": lambda avg, model: avg.load_state_dict(avg.state_dict()),
+    "the counter's data replaced": lambda avg, model: setattr(avg.n_averaged, "data", avg.n_averaged.data.clone()),
+    "the counter swapped": lambda avg, model: torch.utils.swap_tensors(avg.n_averaged, avg.n_averaged.clone()),
     "a warm-up schedule loaded": lambda avg, model: (setattr(avg, "schedule", Schedule(update_after=10)),
                                                      avg.load_state_dict(avg.state_dict())),
 }

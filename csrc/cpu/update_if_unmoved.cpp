@@ -15,6 +15,8 @@
 
 #include <algorithm>
 #include <atomic>
+#include <exception>
+#include <mutex>
 #include <memory>
 #include <thread>
 #include <vector>
@@ -37,12 +39,16 @@ constexpr int64_t kSlotsPerThread = 1024;  // as the watch alone: fewer are chec
 struct BoundUpdate {
   std::vector<at::Tensor> flats;
   at::Tensor table;
-  at::Tensor n_averaged;
-  int64_t* counter;
+  // the counter's Python object (a strong reference), unpacked at every update as the op's
+  // argument is: `n_averaged.data = ...` or swap_tensors give it another tensor, which the watch
+  // does not follow
+  PyObject* n_averaged = nullptr;
   int64_t method;
   std::vector<double> params;
   int64_t rounding_seed;
   HostPlan host;
+
+  ~BoundUpdate() { Py_XDECREF(n_averaged); }  // with the GIL: the capsule's destructor or bind_update
 };
 
 void release_bound(PyObject* capsule) {
@@ -54,53 +60,92 @@ at::Tensor unpack_tensor(PyObject* object, const char* name) {
   return THPVariable_Unpack(object);
 }
 
-inline void relax() {
+// A spin of a few microseconds, then yielding: a thread that holds a chunk may be descheduled
+void relax(int64_t& spins) {
+  if (++spins < 4096) {
 #if defined(__x86_64__) || defined(__i386__)
-  __builtin_ia32_pause();
-#else
-  std::this_thread::yield();
+    __builtin_ia32_pause();
 #endif
+    return;
+  }
+  std::this_thread::yield();
 }
+
+// The GIL let go by the calling thread for the kernel's part, taken back when this goes out of
+// scope (an exception included).
+class ReleasedGil {
+ public:
+  ReleasedGil() = default;
+  ReleasedGil(const ReleasedGil&) = delete;
+  ReleasedGil& operator=(const ReleasedGil&) = delete;
+  void release() {
+    if (state_ == nullptr) state_ = PyEval_SaveThread();
+  }
+  ~ReleasedGil() {
+    if (state_ != nullptr) PyEval_RestoreThread(state_);
+  }
+
+ private:
+  PyThreadState* state_ = nullptr;
+};
 
 // Every plain slot checked (chunks claimed from `next_slots`), then, if none moved, every element
 // updated (chunks claimed from `next_elements`); the calling thread lets go of the GIL between.
+// An exception in a chunk (a tensor whose sizes cannot be read) counts as a move for the others
+// and is rethrown once the region ends.
 bool check_then_update(const WatchPass& watch, const BoundUpdate& bound, const PlanView& plan) {
   const Kernels& kernels = selected_kernels();
   const int64_t slots = watch.slot_count;
   const int64_t elements = bound.host.first.back();
+  const int64_t element_threads = threads_for(bound.host.bytes);
   const int64_t threads = std::min<int64_t>(
-      std::max(threads_for(bound.host.bytes), (slots + kSlotsPerThread - 1) / kSlotsPerThread),
-      at::get_num_threads());
+      std::max(element_threads, (slots + kSlotsPerThread - 1) / kSlotsPerThread), at::get_num_threads());
   if (threads <= 1) {
     if (watch_first_plain_moved(watch, 0, slots) >= 0) return false;
-    PyThreadState* released = PyEval_SaveThread();
+    ReleasedGil gil;
+    gil.release();
     if (elements > 0) kernels.process(plan, 0, elements);
-    PyEval_RestoreThread(released);
     return true;
   }
   const int64_t slot_chunks = (slots + kSlotsPerChunk - 1) / kSlotsPerChunk;
-  const int64_t per_chunk = elements_per_chunk(elements, bound.host.bytes);
+  // as the op splits: one range where one thread's worth of bytes is all there is
+  const int64_t per_chunk = element_threads > 1 ? elements_per_chunk(elements, bound.host.bytes) : std::max<int64_t>(elements, 1);
   std::atomic<int64_t> next_slots{0}, checked{0}, next_elements{0};
   std::atomic<bool> moved{false};
+  std::mutex failure_mutex;
+  std::exception_ptr failure;
+  auto fail = [&] {
+    std::lock_guard<std::mutex> lock(failure_mutex);
+    if (!failure) failure = std::current_exception();
+    moved.store(true);
+  };
   const std::thread::id caller = std::this_thread::get_id();
-  PyThreadState* released = nullptr;  // written by the calling thread only
+  ReleasedGil gil;  // released by the calling thread only
   at::parallel_for(0, threads, 1, [&](int64_t, int64_t) {
     for (int64_t c = next_slots.fetch_add(1); c < slot_chunks; c = next_slots.fetch_add(1)) {
-      if (!moved.load(std::memory_order_relaxed) &&
-          watch_first_plain_moved(watch, c * kSlotsPerChunk, std::min(slots, (c + 1) * kSlotsPerChunk)) >= 0) {
-        moved.store(true, std::memory_order_relaxed);
+      try {
+        if (!moved.load(std::memory_order_relaxed) &&
+            watch_first_plain_moved(watch, c * kSlotsPerChunk, std::min(slots, (c + 1) * kSlotsPerChunk)) >= 0) {
+          moved.store(true, std::memory_order_relaxed);
+        }
+      } catch (...) {
+        fail();
       }
       checked.fetch_add(1, std::memory_order_release);
     }
-    while (checked.load(std::memory_order_acquire) < slot_chunks) relax();
+    for (int64_t spins = 0; checked.load(std::memory_order_acquire) < slot_chunks;) relax(spins);
     if (moved.load(std::memory_order_relaxed)) return;
-    if (std::this_thread::get_id() == caller) released = PyEval_SaveThread();
-    for (int64_t begin = next_elements.fetch_add(per_chunk); begin < elements;
-         begin = next_elements.fetch_add(per_chunk)) {
-      kernels.process(plan, begin, std::min(begin + per_chunk, elements));
+    if (std::this_thread::get_id() == caller) gil.release();
+    try {
+      for (int64_t begin = next_elements.fetch_add(per_chunk); begin < elements;
+           begin = next_elements.fetch_add(per_chunk)) {
+        kernels.process(plan, begin, std::min(begin + per_chunk, elements));
+      }
+    } catch (...) {
+      fail();
     }
   });
-  if (released != nullptr) PyEval_RestoreThread(released);
+  if (failure) std::rethrow_exception(failure);  // `gil` takes the GIL back as it leaves this function
   return !moved.load();
 }
 
@@ -119,14 +164,15 @@ PyObject* bind_update(PyObject* /*self*/, PyObject* args) {
     bound->flats.push_back(unpack_tensor(PyList_GET_ITEM(flats, i), "each of flats"));
   }
   bound->table = unpack_tensor(table, "table");
-  bound->n_averaged = unpack_tensor(n_averaged, "n_averaged");
+  host_counter(unpack_tensor(n_averaged, "n_averaged"), "n_averaged");
   for (Py_ssize_t i = 0; i < PyList_GET_SIZE(params); ++i) {
     const double value = PyFloat_AsDouble(PyList_GET_ITEM(params, i));
     if (value == -1.0 && PyErr_Occurred()) return nullptr;
     bound->params.push_back(value);
   }
   check_plan(bound->flats, bound->table);
-  bound->counter = host_counter(bound->n_averaged, "n_averaged");
+  Py_INCREF(n_averaged);
+  bound->n_averaged = n_averaged;
   bound->method = method;
   bound->rounding_seed = rounding_seed;
   method_params(bound->params);  // an unknown method's parameter count fails here, not at the update
@@ -146,12 +192,13 @@ PyObject* update_if_unmoved(PyObject* /*self*/, PyObject* args) {
   const int64_t python_moved = watch_first_python_moved(watch, watch.slot_count);
   if (python_moved == -2) return nullptr;
   if (python_moved >= 0) Py_RETURN_FALSE;
+  int64_t* counter = host_counter(unpack_tensor(bound->n_averaged, "n_averaged"), "n_averaged");
   RECORD_FUNCTION("wavg_fused::update_", std::vector<c10::IValue>());
-  const Step k = Step::make(bound->method, method_params(bound->params), *bound->counter, bound->rounding_seed);
+  const Step k = Step::make(bound->method, method_params(bound->params), *counter, bound->rounding_seed);
   const PlanView plan{bound->table.data_ptr<int64_t>(), bound->host.first.data(), bound->table.size(0),
                       bound->host.flat_bases.data(), k, kModeAverage};
   if (!check_then_update(watch, *bound, plan)) Py_RETURN_FALSE;
-  *bound->counter += 1;
+  *counter += 1;
   Py_RETURN_TRUE;
   END_HANDLE_TH_ERRORS
 }
