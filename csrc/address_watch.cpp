@@ -106,7 +106,6 @@ struct Record {
 
 constexpr const char* kCapsuleName = "wavg_fused.address_watch";
 constexpr size_t kAhead = 8;  // slots between a prefetch and the check that reads it
-constexpr int64_t kSlotsPerThread = 1024;  // fewer slots are checked on the calling thread
 
 // The DTensor's local tensor (a new reference), nullptr (no error set) if `value` is none
 PyObject* local_tensor(PyObject* value) {
@@ -339,7 +338,7 @@ PyObject* watch_first_moved(PyObject* /*self*/, PyObject* capsule) {
   // the plain slots in parallel: the walk is bound by how many cache misses are in flight at
   // once, and each thread adds its own
   std::atomic<int64_t> first{count};
-  at::parallel_for(0, count, kSlotsPerThread, [&](int64_t begin, int64_t end) {
+  at::parallel_for(0, count, kWatchSlotsPerThread, [&](int64_t begin, int64_t end) {
     const int64_t moved = watch_first_plain_moved(pass, begin, end);
     if (moved < 0) return;
     int64_t seen = first.load();

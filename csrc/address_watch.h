@@ -19,6 +19,8 @@ PyObject* watch_first_moved(PyObject* self, PyObject* capsule);
 // slots of [begin, end) and may run on any thread while the caller holds the GIL;
 // watch_first_python_moved checks the slots that need Python below `below` (GIL held). Both give
 // the first moved slot, -1 if none; the last gives -2 with a Python error set.
+constexpr int64_t kWatchSlotsPerThread = 1024;  // fewer slots are checked on fewer threads
+
 struct WatchPass {
   const void* record = nullptr;
   int64_t slot_count = 0;

@@ -183,8 +183,7 @@ class Engine:
             prepared = self._prepared.get(id(runs))
             if prepared is None or prepared[0] is not runs or prepared[1] is not method or prepared[2] is not n_averaged \
                     or prepared[3] != rounding_seed:
-                prepared = (runs, method, n_averaged, rounding_seed, self._bound_launch(runs, method, n_averaged, rounding_seed),
-                            self._bound_launch(runs, method, n_averaged, rounding_seed, behind_watch=True))
+                prepared = (runs, method, n_averaged, rounding_seed, *self._bound_launches(runs, method, n_averaged, rounding_seed))
                 self._prepared[id(runs)] = prepared
             if prepared[4] is not None:
                 prepared[4]()
@@ -237,20 +236,18 @@ class Engine:
         return True
 
     @staticmethod
-    def _bound_launch(runs: Sequence[Run], method: Method, n_averaged: torch.Tensor,
-                      rounding_seed: int, behind_watch: bool = False) -> Callable | None:
-        # behind_watch: the backend's launch that runs the watch's record first, if it has one
+    def _bound_launches(runs: Sequence[Run], method: Method, n_averaged: torch.Tensor,
+                        rounding_seed: int) -> tuple[Callable[[], None] | None, Callable[[object], bool] | None]:
+        # the backend's bound launch, and (where the backend has one) the same launch behind the
+        # watch's record in one call
         if len(runs) != 1:
-            return None
+            return None, None
         plan, backend = runs[0]
-        if plan.device != n_averaged.device or plan.staged_count:
-            return None
-        if behind_watch:
-            bind = getattr(backend, "bound_update_if_unmoved", None)
-            return bind(plan, method, n_averaged, rounding_seed) if bind is not None else None
-        if not hasattr(backend, "bound_update"):
-            return None
-        return backend.bound_update(plan, method, n_averaged, rounding_seed)
+        if plan.device != n_averaged.device or plan.staged_count or not hasattr(backend, "bound_update"):
+            return None, None
+        behind_watch = getattr(backend, "bound_update_if_unmoved", None)
+        return (backend.bound_update(plan, method, n_averaged, rounding_seed),
+                behind_watch(plan, method, n_averaged, rounding_seed) if behind_watch is not None else None)
 
     def launch_group(self, every_runs: Sequence[Sequence[Run]], steps: Sequence[MemberStep]) -> None:
         """Update every shadow (``every_runs[k]``, as ``all_runs`` gives them) as ``steps[k]`` says,

@@ -32,7 +32,6 @@ namespace {
 
 constexpr const char* kCapsuleName = "wavg_fused.cpu_bound_update";
 constexpr int64_t kSlotsPerChunk = 256;
-constexpr int64_t kSlotsPerThread = 1024;  // as the watch alone: fewer are checked by fewer threads
 
 // `update_(flats, table, _, n_averaged, _, method, params, bump=True, rounding_seed, mode=average,
 // guard=False, None)` with its arguments checked once and kept.
@@ -99,7 +98,7 @@ bool check_then_update(const WatchPass& watch, const BoundUpdate& bound, const P
   const int64_t elements = bound.host.first.back();
   const int64_t element_threads = threads_for(bound.host.bytes);
   const int64_t threads = std::min<int64_t>(
-      std::max(element_threads, (slots + kSlotsPerThread - 1) / kSlotsPerThread), at::get_num_threads());
+      std::max(element_threads, (slots + kWatchSlotsPerThread - 1) / kWatchSlotsPerThread), at::get_num_threads());
   if (threads <= 1) {
     if (watch_first_plain_moved(watch, 0, slots) >= 0) return false;
     ReleasedGil gil;

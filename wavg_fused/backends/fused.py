@@ -117,11 +117,11 @@ class CpuBackend(_FusedBackend):
 
     def bound_update_if_unmoved(self, plan: Plan, method: Method, n_averaged: torch.Tensor,
                                 rounding_seed: int = -1) -> Callable[[object], bool] | None:
-        """``bound_update``'s launch behind the address watch, in one parallel region: the
+        """``bound_update``'s launch (a plan with nothing to stage) behind the address watch, in one parallel region: the
         returned call takes an ``AddressWatch.record`` and returns False, having written nothing,
         if a watched slot moved (``csrc/cpu/update_if_unmoved.cpp``). None where the extension
         predates it."""
-        if _bind_update is None or plan.staged_count:
+        if _bind_update is None:
             return None
         bound = _bind_update(list(plan.flats), plan.tensor_table(), n_averaged, method.code,
                              [float(p) for p in method.params], rounding_seed)
